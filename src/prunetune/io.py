@@ -1,0 +1,225 @@
+"""Loading models (local HF dir, Hub id, GGUF file), atomic output directories, file manifests."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import PrunetuneError
+from .manifest import sha256_file
+from .paths import DEFAULT_MODEL
+
+log = logging.getLogger("prunetune")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+MANIFEST = "prunetune_manifest.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise PrunetuneError(f"unknown dtype '{name}' (choose from: float32, bfloat16, float16)") from None
+
+
+@dataclass
+class ModelSource:
+    """Where a model came from, resolved from what the user typed."""
+
+    spec: str
+    kind: str  # "local", "gguf", "hub"
+    path: str  # directory (local), directory holding the gguf file, or hub id
+    gguf_file: str | None = None
+    weight_files: list[str] = field(default_factory=list)
+
+    def describe(self, with_hash: bool = True) -> dict:
+        d = {"spec": self.spec, "kind": self.kind, "path": self.path}
+        if self.gguf_file:
+            d["gguf_file"] = self.gguf_file
+        if with_hash and self.weight_files:
+            d["weights_sha256"] = {Path(f).name: sha256_file(f) for f in self.weight_files}
+        return d
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and " " not in spec
+
+
+def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
+    """Turn a user's model argument into a source; clear errors for anything unusable."""
+    if spec is None or str(spec) == "":
+        spec = str(DEFAULT_MODEL)
+    spec = str(spec)
+    p = Path(spec).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise PrunetuneError(f"model file '{spec}' is not a GGUF file (give a model directory, a Hub id or a .gguf)")
+        return ModelSource(spec, "gguf", str(p.parent), p.name, [str(p)])
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            files = sorted(str(f) for f in p.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+            if not files:
+                raise PrunetuneError(f"model directory '{spec}' has a config.json but no weight files")
+            return ModelSource(spec, "local", str(p), None, files)
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(spec, "gguf", str(p), ggufs[0].name, [str(ggufs[0])])
+        raise PrunetuneError(f"'{spec}' is not a model directory (no config.json{' and several .gguf files' if ggufs else ''})")
+    if _looks_like_hub_id(spec):
+        return ModelSource(spec, "hub", spec)
+    raise PrunetuneError(f"model path '{spec}' does not exist")
+
+
+def _strip_gguf_quantizer(model) -> None:
+    """A GGUF checkpoint is dequantised on load; forget the quantizer so it saves as a plain checkpoint."""
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+
+
+def load_model(spec=None, *, dtype="float32", device="cpu", tokenizer: bool = True, trust_remote_code=False):
+    """Load (model, tokenizer, info). ``spec``: local HF dir, a .gguf file (or a dir with one), or a Hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_model(spec)
+    verify_manifest(src.path) if src.kind == "local" else None
+    torch_dtype = parse_dtype(dtype)
+    kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if src.kind == "gguf":
+        kwargs["gguf_file"] = src.gguf_file
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+        tok = AutoTokenizer.from_pretrained(src.path, **({"gguf_file": src.gguf_file} if src.gguf_file else {})) if tokenizer else None
+    except PrunetuneError:
+        raise
+    except OSError as e:
+        if src.kind == "hub":
+            raise PrunetuneError(f"cannot fetch '{src.spec}' from the Hugging Face Hub (offline, or no such model): {str(e).splitlines()[0]}") from None
+        raise PrunetuneError(f"cannot load model '{src.spec}': {str(e).splitlines()[0]}") from None
+    except (ValueError, KeyError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PrunetuneError(f"cannot load model '{src.spec}': {msg}") from None
+    if src.kind == "gguf":
+        _strip_gguf_quantizer(model)
+    model.to(device)
+    model.eval()
+    info = src.describe()
+    info.update(model_type=model.config.model_type, parameters=sum(p.numel() for p in model.parameters()),
+                dtype=str(torch_dtype).replace("torch.", ""))
+    return model, tok, info
+
+
+# --- output directories --------------------------------------------------------------------------
+def partial_dir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def check_output_dir(out: str | Path, *, overwrite: bool, inputs: tuple = ()) -> Path:
+    """Refuse outputs that would clobber work or land inside an input directory."""
+    out = Path(out).expanduser().resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        ip = Path(str(inp)).expanduser()
+        if ip.exists():
+            ip = ip.resolve()
+            base = ip if ip.is_dir() else ip.parent
+            if out == base or base in out.parents:
+                raise PrunetuneError(f"output directory '{out}' is inside the input '{ip}'")
+    if out.exists() and not overwrite:
+        raise PrunetuneError(f"output directory '{out}' already exists (use --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise PrunetuneError(f"output path '{out}' exists and is not a directory")
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True) if not parent.exists() and os.access(parent.parent, os.W_OK) else None
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise PrunetuneError(f"cannot write to '{parent}' (missing or not writable)")
+    return out
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path, *, overwrite: bool = False, keep_partial: bool = False):
+    """Yield a sibling temp dir; on success it replaces ``out`` in one rename.
+
+    On failure the temp dir is removed, unless ``keep_partial`` (resumable jobs keep it so
+    ``--resume`` can continue; it is hidden and named ``.<out>.partial``)."""
+    out = Path(out).expanduser().resolve()
+    tmp = partial_dir_for(out)
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        if not keep_partial:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        if not overwrite:
+            raise PrunetuneError(f"output directory '{out}' already exists (use --overwrite to replace it)")
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_manifest(directory: str | Path, record: dict) -> dict:
+    """Write prunetune_manifest.json: what was done, with the sha256 of every file in the directory."""
+    directory = Path(directory)
+    files = {}
+    for f in sorted(directory.rglob("*")):
+        if f.is_file() and f.name != MANIFEST and ".partial" not in f.parts[-2:-1] and "resume" not in f.relative_to(directory).parts:
+            files[str(f.relative_to(directory))] = sha256_file(f)
+    manifest = dict(record)
+    manifest["files"] = files
+    with open(directory / MANIFEST, "w") as fh:
+        json.dump(manifest, fh, indent=2, default=str)
+        fh.write("\n")
+    return manifest
+
+
+def verify_manifest(directory: str | Path) -> None:
+    """If ``directory`` is a prunetune output, check every file against its recorded hash."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError):
+        raise PrunetuneError(f"'{path}' is damaged (not a prunetune manifest)") from None
+    for name, digest in files.items():
+        f = Path(directory) / name
+        if not f.is_file():
+            raise PrunetuneError(f"'{f}' is missing (listed in {MANIFEST})")
+        if sha256_file(f) != digest:
+            raise PrunetuneError(f"'{f}' is damaged (sha256 does not match {MANIFEST})")
+
+
+def save_model(model, tokenizer, directory: str | Path, record: dict | None = None) -> None:
+    """save_pretrained + tokenizer + manifest into an (already temporary) directory."""
+    directory = Path(directory)
+    try:
+        model.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        write_manifest(directory, record or {})
+    except OSError as e:
+        raise PrunetuneError(f"cannot write the model to '{directory}': {e.strerror or e}") from None

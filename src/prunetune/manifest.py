@@ -1,0 +1,97 @@
+"""Protocol manifests: every number prunetune writes carries how it was made."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def versions() -> dict:
+    import transformers
+
+    from . import __version__
+
+    out = {
+        "prunetune": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    for name in ("peft", "accelerate", "lm_eval", "datasets"):
+        mod = sys.modules.get(name)
+        if mod is not None and hasattr(mod, "__version__"):
+            out[name] = mod.__version__
+    return out
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Measure:
+    """Wall time and peak memory (CPU RSS; CUDA allocator peak when a GPU is used) of a block."""
+
+    def __init__(self):
+        self.wall_s = 0.0
+        self.peak_rss_mb = 0.0
+        self.peak_cuda_mb = None
+
+    def as_dict(self) -> dict:
+        d = {"wall_time_s": round(self.wall_s, 3), "peak_rss_mb": round(self.peak_rss_mb, 1)}
+        if self.peak_cuda_mb is not None:
+            d["peak_cuda_mb"] = round(self.peak_cuda_mb, 1)
+        return d
+
+
+@contextmanager
+def measure():
+    m = Measure()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        yield m
+    finally:
+        m.wall_s = time.perf_counter() - t0
+        m.peak_rss_mb = peak_rss_mb()
+        if torch.cuda.is_available():
+            m.peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+    os.replace(tmp, path)

@@ -1,0 +1,6 @@
+"""Architecture adapters. A new family is one new module here, imported below."""
+
+from .base import LayerInputs, ModelAdapter, get_adapter, register_adapter, supported_model_types
+from . import gpt_neox, llama, mamba, opt  # noqa: F401  (registration)
+
+__all__ = ["LayerInputs", "ModelAdapter", "get_adapter", "register_adapter", "supported_model_types"]
