@@ -63,7 +63,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last finished layer")
+
+    # demo ------------------------------------------------------------------------------------
+    p = sub.add_parser("demo", help="prune the bundled stories260K with every method and print before/after",
+                       description="The main job on the embedded default model; runs offline in about a minute.")
+    p.add_argument("--methods", default="magnitude,wanda,sparsegpt,apt")
+    p.add_argument("--sparsity", nargs="*", default=["0.5", "2:4"])
+    p.add_argument("--out", default=None, help="keep the pruned checkpoints here (default: a temp dir)")
     return ap
+
+
+def _cmd_demo(a):
+    from .api import demo
+
+    res = demo([m.strip() for m in a.methods.split(",") if m.strip()], a.sparsity, out=a.out)
+    print(res["table"])
 
 
 def _cmd_eval(a):
@@ -101,13 +115,18 @@ def _cmd_prune(a):
     print(f"wrote {a.out}")
 
 
-COMMANDS = {"eval": _cmd_eval, "prune": _cmd_prune}
+COMMANDS = {"eval": _cmd_eval, "prune": _cmd_prune, "demo": _cmd_demo}
 
 
 def main(argv=None) -> int:
     ap = _parser()
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="prunetune: %(message)s")
+    if not a.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     if a.command is None:
         ap.print_help()
         return 0
