@@ -33,7 +33,7 @@ class SafetensorsSource:
             weight_map = None
         else:
             raise PrunetuneError(f"'{d}' has no safetensors weights")
-        self._handles = {}
+        self._dir = d
         self._where: dict[str, str] = {}
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         for f in files:
@@ -41,11 +41,11 @@ class SafetensorsSource:
             if not path.is_file():
                 raise PrunetuneError(f"weight file '{path}' is missing")
             try:
-                h = safe_open(str(path), framework="pt")
+                with safe_open(str(path), framework="pt") as h:
+                    keys = list(h.keys())
             except Exception as e:  # safetensors raises its own error types for damaged headers
                 raise PrunetuneError(f"weight file '{path}' is damaged or truncated ({type(e).__name__})") from None
-            self._handles[f] = h
-            for k in h.keys():
+            for k in keys:
                 self._where[k] = f
 
     def names(self) -> list[str]:
@@ -59,7 +59,10 @@ class SafetensorsSource:
         if f is None:
             raise PrunetuneError(f"the checkpoint has no tensor '{name}' (does the config match the weights?)")
         try:
-            return self._handles[f].get_tensor(name)
+            # open per read: the file mapping is dropped right after, so pages of finished layers do not
+            # stay mapped into this process (they would count towards its resident memory)
+            with safe_open(str(self._dir / f), framework="pt") as h:
+                return h.get_tensor(name)
         except Exception as e:
             raise PrunetuneError(f"cannot read tensor '{name}' from '{f}': the file is damaged or truncated ({type(e).__name__})") from None
 

@@ -158,13 +158,17 @@ def check_output_dir(out: str | Path, *, overwrite: bool, inputs: tuple = ()) ->
 def atomic_output_dir(out: str | Path, *, overwrite: bool = False, keep_partial: bool = False):
     """Yield a sibling temp dir; on success it replaces ``out`` in one rename.
 
-    On failure the temp dir is removed, unless ``keep_partial`` (resumable jobs keep it so
-    ``--resume`` can continue; it is hidden and named ``.<out>.partial``)."""
+    On failure the temp dir is removed, unless ``keep_partial`` and the failure was not a user error
+    (resumable jobs keep it after a crash or Ctrl-C so ``--resume`` can continue; it is hidden and named
+    ``.<out>.partial``)."""
     out = Path(out).expanduser().resolve()
     tmp = partial_dir_for(out)
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         yield tmp
+    except PrunetuneError:  # bad input found on the way: nothing worth resuming
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except BaseException:
         if not keep_partial:
             shutil.rmtree(tmp, ignore_errors=True)

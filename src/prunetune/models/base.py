@@ -91,6 +91,9 @@ class ModelAdapter:
     residual_readers: list[str] = []
     layer_norms: list[str] = []
     norm_kind: str = "rmsnorm"
+    #: linears whose forward the model bypasses (it reads ``.weight`` directly): name -> the module whose
+    #: output determines their input; ``derive_input`` computes it (see the Mamba adapter)
+    derived_inputs: dict[str, str] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -129,6 +132,9 @@ class ModelAdapter:
 
     def linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
         return {n: layer.get_submodule(n) for n in self.linear_names()}
+
+    def derive_input(self, layer: nn.Module, name: str, source_output: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(name)
 
     # --- running layers on cached inputs -----------------------------------------------------
     def first_layer_inputs(self, batches: list[torch.Tensor], device: torch.device | str) -> LayerInputs:

@@ -13,3 +13,8 @@ class MambaAdapter(ModelAdapter):
     residual_readers = ["mixer.in_proj"]
     layer_norms = ["norm"]
     norm_kind = "rmsnorm"
+    # the mixer multiplies by dt_proj.weight directly; its input is the time-step slice of x_proj's output
+    derived_inputs = {"mixer.dt_proj": "mixer.x_proj"}
+
+    def derive_input(self, layer, name, source_output):
+        return source_output[..., : layer.mixer.time_step_rank]

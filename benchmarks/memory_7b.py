@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Bounded-memory pruning: a 7B-shaped Llama checkpoint (random bf16 weights, ~13.5 GB) pruned with Wanda.
+
+    python benchmarks/memory_7b.py --work /tmp/llama7b-shape
+
+Writes the checkpoint tensor by tensor (never the whole model in memory), then runs
+``prunetune prune --method wanda --sparsity 0.5`` in a child process and reads that process's peak
+resident memory (ru_maxrss of the child). Target: peak RSS <= 25% of the checkpoint size.
+Result: benchmarks/results/memory_7b.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIG = {  # Llama-2-7B shapes
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128,
+    "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+    "tie_word_embeddings": False, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+    "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16", "attention_bias": False, "mlp_bias": False,
+}
+
+
+def write_checkpoint(d: Path, seed: int = 0) -> int:
+    d.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    h, f, L, V = CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["num_hidden_layers"], CONFIG["vocab_size"]
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    def shards():  # one shard (~400 MB) in memory at a time
+        yield "model-embed.safetensors", {"model.embed_tokens.weight": rnd(V, h)}
+        for i in range(L):
+            p = f"model.layers.{i}."
+            yield f"model-{i:05d}.safetensors", {
+                p + "self_attn.q_proj.weight": rnd(h, h), p + "self_attn.k_proj.weight": rnd(h, h),
+                p + "self_attn.v_proj.weight": rnd(h, h), p + "self_attn.o_proj.weight": rnd(h, h),
+                p + "mlp.gate_proj.weight": rnd(f, h), p + "mlp.up_proj.weight": rnd(f, h),
+                p + "mlp.down_proj.weight": rnd(h, f),
+                p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
+        yield "model-head.safetensors", {"model.norm.weight": torch.ones(h, dtype=torch.bfloat16), "lm_head.weight": rnd(V, h)}
+
+    weight_map, total = {}, 0
+    for name, tensors in shards():
+        save_file(tensors, str(d / name), metadata={"format": "pt"})
+        for k, v in tensors.items():
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (d / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    from prunetune.paths import DEFAULT_MODEL
+
+    for f_ in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        shutil.copy(DEFAULT_MODEL / f_, d / f_)
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/llama7b-shape")
+    ap.add_argument("--nsamples", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args()
+    work = Path(a.work)
+    src, out = work / "dense", work / "pruned"
+    t0 = time.time()
+    if not (src / "config.json").is_file():
+        write_checkpoint(src)
+    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    t_write = time.time() - t0
+    cmd = [sys.executable, "-m", "prunetune", "prune", "--model", str(src), "--method", "wanda", "--sparsity", "0.5",
+           "--calib", "tinystories", "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--dtype", "bfloat16",
+           "--device", "cpu", "--out", str(out), "--overwrite"]
+    t1 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t1
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # bytes
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:])
+        raise SystemExit(proc.returncode)
+    res = {
+        "checkpoint": "Llama-2-7B shapes, random bf16 weights", "checkpoint_bytes": size,
+        "command": " ".join(cmd[1:]), "prune_wall_time_s": round(wall, 1), "write_time_s": round(t_write, 1),
+        "peak_rss_bytes": peak, "peak_rss_share_of_checkpoint": round(peak / size, 4), "target_share": 0.25,
+        "pruned_report_total": json.loads((out / "prune_report.json").read_text())["total"],
+    }
+    from prunetune.manifest import machine, versions, write_json_atomic
+
+    res.update(versions=versions(), machine=machine())
+    write_json_atomic(ROOT / "benchmarks" / "results" / "memory_7b.json", res)
+    print(json.dumps(res, indent=2))
+    if not a.keep:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

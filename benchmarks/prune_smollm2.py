@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""One-shot pruning benchmark on SmolLM2-135M-Instruct: dense vs magnitude, Wanda, SparseGPT, APT.
+
+    python benchmarks/prune_smollm2.py --nsamples 128 --seqlen 512 --ppl-windows 0 \
+        --settings 0.5 0.6 0.7 2:4 4:8 --out benchmarks/results/prune_smollm2.json
+
+Every run prunes the same model with the same calibration windows (C4 validation, seed 0), then scores
+WikiText-2 (test file as is) and C4 (validation docs joined) perplexity with 512-token non-overlapping
+windows (``--ppl-windows N`` keeps the first N windows of each corpus; 0 = all). Results are appended as
+they finish, so a killed benchmark continues where it stopped. ``--markdown`` prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import prunetune as pt  # noqa: E402
+from prunetune.evaluate.perplexity import perplexity  # noqa: E402
+from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
+
+
+def ppl_all(model_dir, corpora, windows):
+    m, tok, _ = pt.load_model(str(model_dir))
+    return {c: perplexity(m, tok, c, seqlen=512, max_windows=windows or None, progress=False) for c in corpora}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    ap.add_argument("--methods", nargs="*", default=["magnitude", "wanda", "sparsegpt", "apt"])
+    ap.add_argument("--settings", nargs="*", default=["0.5", "0.6", "0.7", "2:4", "4:8"])
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--ppl-windows", type=int, default=0)
+    ap.add_argument("--corpora", nargs="*", default=["wikitext2", "c4"])
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune_smollm2.json"))
+    ap.add_argument("--markdown", action="store_true", help="only print the table of an existing result file")
+    a = ap.parse_args()
+    out = Path(a.out)
+    if a.markdown:
+        print(markdown(json.loads(out.read_text())))
+        return
+    if not (Path(a.model) / "config.json").is_file():
+        from fetch_smollm2 import fetch
+
+        fetch(Path(a.model))
+    res = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
+    res["protocol"] = {"model": a.model, "calibration": f"c4 validation, {a.nsamples} x {a.seqlen} tokens, seed 0",
+                       "perplexity": f"{', '.join(a.corpora)}; 512-token non-overlapping windows"
+                                     + (f", first {a.ppl_windows} windows" if a.ppl_windows else ", all windows"),
+                       "true_sequential": True, "damp": 0.01, "blocksize": 128, "dtype": "float32",
+                       "versions": versions(), "machine": machine(),
+                       "command": " ".join(["python", "benchmarks/prune_smollm2.py", *sys.argv[1:]])}
+    if "dense" not in res["runs"]:
+        t = time.time()
+        res["runs"]["dense"] = {"method": "dense", "sparsity": "0", "ppl": {c: r["ppl"] for c, r in ppl_all(a.model, a.corpora, a.ppl_windows).items()},
+                                "eval_time_s": time.time() - t}
+        write_json_atomic(out, res)
+    for setting in a.settings:
+        for method in a.methods:
+            key = f"{method}@{setting}"
+            if key in res["runs"]:
+                continue
+            d = Path(a.work) / key.replace(":", "of").replace("@", "-")
+            rep = pt.prune(a.model, method=method, sparsity=setting, out=d, calib="c4", nsamples=a.nsamples,
+                           seqlen=a.seqlen, seed=0, overwrite=True, device="cpu")
+            t = time.time()
+            ppl = {c: r["ppl"] for c, r in ppl_all(d, a.corpora, a.ppl_windows).items()}
+            res["runs"][key] = {"method": method, "sparsity": setting, "ppl": ppl,
+                                "prune_wall_time_s": rep["manifest"]["wall_time_s"],
+                                "prune_peak_rss_mb": rep["manifest"]["peak_rss_mb"],
+                                "measured_sparsity": rep["total"]["sparsity_of_pruned_matrices"],
+                                "mean_rel_layer_error": rep["total"]["mean_rel_error"], "eval_time_s": time.time() - t}
+            write_json_atomic(out, res)
+            print(key, json.dumps(res["runs"][key]), flush=True)
+    print(markdown(res))
+
+
+def markdown(res: dict) -> str:
+    runs = res["runs"]
+    dense = runs["dense"]["ppl"]
+    corpora = list(dense)
+    lines = ["| setting | method | " + " | ".join(f"{c} ppl (x dense)" for c in corpora)
+             + " | prune time s | peak RSS MB |", "|---|---|" + "---|" * (len(corpora) + 2)]
+    lines.append("| dense | - | " + " | ".join(f"{dense[c]:.2f}" for c in corpora) + " | - | - |")
+    for key, r in runs.items():
+        if key == "dense":
+            continue
+        cells = " | ".join(f"{r['ppl'][c]:.2f} ({r['ppl'][c] / dense[c]:.2f}x)" for c in corpora)
+        lines.append(f"| {r['sparsity']} | {r['method']} | {cells} | {r['prune_wall_time_s']:.0f} | {r['prune_peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity on local corpora and zero-shot multiple choice through lm-evaluation-harness."""

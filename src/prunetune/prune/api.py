@@ -1,0 +1,275 @@
+"""``prune()``: one call from a model reference to a pruned, plain Hugging Face checkpoint + report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import ShardWriter, materialize, open_streaming, release
+from ..data.calibration import sample_calibration
+from ..errors import PrunetuneError
+from ..evaluate.perplexity import max_positions, perplexity
+from ..io import (atomic_output_dir, check_output_dir, load_model, parse_dtype, partial_dir_for, resolve_model,
+                  write_manifest)
+from ..manifest import machine, measure, peak_rss_mb, versions
+from ..models import get_adapter
+from .masks import parse_sparsity
+from .methods import get_method
+from .owl import outlier_ratios, owl_layer_specs
+from .sequential import DriverConfig, LayerResult, sequential_prune
+
+log = logging.getLogger("prunetune")
+REPORT = "prune_report.json"
+RESUME = "resume"
+
+
+def _batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Equal-size batches (the recorded attention kwargs are shared by all of them)."""
+    n = ids.shape[0]
+    bs = max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
+    return list(ids.split(bs))
+
+
+def _load_tokenizer(src):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src.path, **({"gguf_file": src.gguf_file} if src.gguf_file else {}))
+    except (OSError, ValueError) as e:
+        raise PrunetuneError(f"cannot load the tokenizer of '{src.spec}': {str(e).splitlines()[0]}") from None
+
+
+def _fingerprint(protocol: dict) -> str:
+    return hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples: int = 128, seqlen: int = 2048,
+          seed: int = 0, damp: float = 0.01, blocksize: int = 128, owl: bool = False, owl_lambda: float = 0.08,
+          owl_m: float = 5.0, true_sequential: bool = True, eval_corpora=None, eval_seqlen: int = 512,
+          eval_max_windows: int | None = None, dtype: str = "float32", device: str | None = None,
+          overwrite: bool = False, resume: bool = False, batch_size: int = 8, method_opts: dict | None = None,
+          stream: bool | None = None, progress: bool = True) -> dict:
+    """Prune ``model`` (HF dir, Hub id or GGUF) and write a plain HF checkpoint plus ``prune_report.json`` to ``out``.
+
+    ``sparsity``: 0.5 = half of every pruned matrix is zero; "2:4" keeps 2 of every 4 consecutive input
+    weights. Local safetensors checkpoints are streamed one layer at a time (bounded memory); others are
+    loaded whole. ``resume=True`` continues a killed run from its last finished layer.
+    """
+    from ..api import _device
+
+    pm = get_method(method)
+    spec = parse_sparsity(sparsity)
+    if nsamples <= 0:
+        raise PrunetuneError(f"--nsamples must be positive (got {nsamples})")
+    if seqlen <= 0:
+        raise PrunetuneError(f"--seqlen must be positive (got {seqlen})")
+    if damp < 0:
+        raise PrunetuneError(f"--damp must be non-negative (got {damp})")
+    if owl and spec.kind != "unstructured":
+        raise PrunetuneError("--owl sets per-layer unstructured sparsity; it cannot be combined with N:M")
+    device = _device(device)
+    torch_dtype = parse_dtype(dtype)
+    src = resolve_model(model)
+    out_path = Path(out).expanduser().resolve()
+    partial = partial_dir_for(out_path)
+    state_file = partial / RESUME / "state.pt"
+    if resume:
+        if out_path.exists() and not overwrite:
+            raise PrunetuneError(f"output directory '{out_path}' already exists (use --overwrite to replace it)")
+        if not state_file.is_file():
+            raise PrunetuneError(f"nothing to resume: no interrupted run for '{out_path}'")
+    else:
+        check_output_dir(out_path, overwrite=overwrite, inputs=(src.path if src.kind != "hub" else None,))
+        if partial.exists():
+            log.info("removing the leftovers of an earlier interrupted run: %s", partial)
+            shutil.rmtree(partial)
+
+    t_start = time.time()
+    with measure() as meas:
+        streaming = src.kind == "local" and any(f.endswith(".safetensors") for f in src.weight_files)
+        if stream is not None:
+            streaming = stream and streaming
+        if streaming:
+            net, source = open_streaming(src.path, torch_dtype)
+            model_info = src.describe()
+            model_info.update(model_type=net.config.model_type, dtype=str(torch_dtype).replace("torch.", ""),
+                              loading="streamed layer by layer")
+        else:
+            net, _, model_info = load_model(src.spec, dtype=dtype, device="cpu", tokenizer=False)
+            source = None
+            model_info["loading"] = "whole model in memory"
+        tok = _load_tokenizer(src)
+        adapter = get_adapter(net)
+        for i, layer in enumerate(adapter.layers):
+            for name, lin in adapter.linears(layer).items():
+                if spec.kind == "nm":
+                    spec.check_fits(lin.in_features, f"{adapter.layer_prefix(i)}{name}")
+        limit = max_positions(net.config)
+        if limit is not None and seqlen > limit:
+            log.warning("calibration seqlen %d clipped to the model's %d positions", seqlen, limit)
+            seqlen = limit
+        ids, calib_protocol = sample_calibration(tok, calib, nsamples, seqlen, seed)
+        batches = _batches(ids, batch_size)
+
+        protocol = {
+            "model": {k: v for k, v in model_info.items() if k != "loading"}, "method": pm.name,
+            "sparsity": str(spec), "sparsity_semantics": _semantics(spec), "calibration": calib_protocol,
+            "damp": damp, "blocksize": blocksize, "true_sequential": true_sequential,
+            "owl": {"lambda": owl_lambda, "m": owl_m} if owl else None, "method_opts": method_opts or {},
+            "dtype": str(torch_dtype).replace("torch.", ""), "prunetune": versions()["prunetune"],
+        }
+        fingerprint = _fingerprint(protocol)
+
+        def materialize_layer(i, layer):
+            materialize(net, adapter.layer_prefix(i), layer, source, device, torch_dtype)
+
+        if streaming:
+            for name, p in net.named_parameters():
+                if not name.startswith(adapter.layers_path + ".") and p.device.type == "meta" and name in source:
+                    from accelerate.utils import set_module_tensor_to_device
+
+                    set_module_tensor_to_device(net, name, device, value=source.get(name), dtype=torch_dtype)
+            if getattr(net.config, "tie_word_embeddings", False):
+                net.tie_weights()
+        else:
+            for name, p in net.named_parameters():
+                if not name.startswith(adapter.layers_path + "."):
+                    p.data = p.data.to(device)
+        for name, p in net.named_parameters():
+            if not name.startswith(adapter.layers_path + ".") and p.device.type != "meta" and not torch.isfinite(p.data).all():
+                raise PrunetuneError(f"weights of '{name}' contain NaN/Inf")
+
+        with atomic_output_dir(out_path, overwrite=overwrite, keep_partial=True) as tmp:
+            writer = ShardWriter(tmp)
+            start_layer, start_hidden, done = 0, None, []
+            layer_specs = None
+            if resume:
+                state = torch.load(state_file, weights_only=False)
+                if state["fingerprint"] != fingerprint:
+                    raise PrunetuneError("cannot resume: the interrupted run used other settings or another model "
+                                         "(start again without --resume)")
+                start_layer, start_hidden = state["layer"] + 1, state["hidden"]
+                done = [LayerResult(**r) for r in state["results"]]
+                layer_specs = state.get("layer_specs")
+            inputs = adapter.first_layer_inputs(batches, device)
+            kwargs = inputs.kwargs
+            if owl and layer_specs is None:
+                ratios = outlier_ratios(net, inputs.hidden, kwargs, device, m=owl_m,
+                                        materialize_layer=materialize_layer if streaming else None,
+                                        release_layer=(lambda i, l: release(l)) if streaming else None)
+                layer_specs = owl_layer_specs(ratios, spec, owl_lambda)
+            cfg = DriverConfig(method=pm, spec=spec, damp=damp, blocksize=blocksize, true_sequential=true_sequential,
+                               method_opts=dict(method_opts or {}), layer_specs=layer_specs)
+
+            def on_layer_done(i, layer, results, hidden, kw):
+                prefix = adapter.layer_prefix(i)
+                writer.write(writer.layer_file(i), {prefix + k: v for k, v in layer.state_dict().items()})
+                done.extend(results)
+                (tmp / RESUME).mkdir(exist_ok=True)
+                tmp_state = tmp / RESUME / "state.pt.tmp"
+                torch.save({"fingerprint": fingerprint, "layer": i, "hidden": hidden,
+                            "results": [asdict(r) for r in done], "layer_specs": layer_specs}, tmp_state)
+                tmp_state.replace(tmp / RESUME / "state.pt")
+                if streaming:
+                    release(layer)
+                if os.environ.get("PRUNETUNE_TEST_KILL_AFTER_LAYER") == str(i):  # lets tests SIGKILL at a known point
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            sequential_prune(net, batches=batches, cfg=cfg, device=device, on_layer_done=on_layer_done,
+                             start_layer=start_layer, start_hidden=start_hidden if resume else inputs.hidden,
+                             kwargs=kwargs, materialize_layer=materialize_layer if streaming else None,
+                             progress=progress)
+            _write_rest(net, adapter, source, writer, tmp, tok, torch_dtype)
+            shutil.rmtree(tmp / RESUME, ignore_errors=True)
+            report = _report(done, protocol, net, adapter)
+            report["manifest"] = {"tool": "prunetune", "command": "prune", **protocol, "versions": versions(),
+                                  "machine": machine(), "device": device,
+                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)),
+                                  "resumed_from_layer": start_layer if resume else None}
+            report["manifest"].update(wall_time_s=round(time.time() - t_start, 3), peak_rss_mb=round(peak_rss_mb(), 1))
+            if eval_corpora:
+                report["eval"] = _eval_pair(src.spec, tmp, eval_corpora, eval_seqlen, eval_max_windows, dtype, device)
+            (tmp / REPORT).write_text(json.dumps(report, indent=2, default=str) + "\n")
+            write_manifest(tmp, {"tool": "prunetune", "command": "prune", "fingerprint": fingerprint})
+    # wall time and peak memory of the whole job, including the evaluation
+    report["manifest"].update(meas.as_dict())
+    report["summary_table"] = summary_table(report)
+    return report
+
+
+def _semantics(spec) -> str:
+    if spec.kind == "nm":
+        return f"{spec.n}:{spec.m} keeps {spec.n} of every {spec.m} consecutive input weights ({spec.sparsity:.0%} zeros)"
+    return f"{spec.sparsity:.0%} of the weights of every pruned matrix are zero"
+
+
+def _write_rest(net, adapter, source, writer: ShardWriter, tmp: Path, tok, dtype) -> None:
+    """Everything that is not a decoder layer (embeddings, final norm, untied LM head), config, tokenizer."""
+    prefix = adapter.layers_path + "."
+    tied = bool(getattr(net.config, "tie_word_embeddings", False))
+    rest = {}
+    names = source.names() if source is not None else list(net.state_dict().keys())
+    sd = None if source is not None else net.state_dict()
+    for name in names:
+        if name.startswith(prefix):
+            continue
+        if tied and name == adapter.lm_head_path + ".weight":
+            continue
+        rest[name] = source.get(name).to(dtype) if source is not None else sd[name]
+    writer.write("model-rest.safetensors", rest)
+    writer.finish()
+    net.config.dtype = str(dtype).replace("torch.", "")
+    net.config.save_pretrained(tmp)
+    if getattr(net, "generation_config", None) is not None:
+        try:
+            net.generation_config.save_pretrained(tmp)
+        except (ValueError, OSError):
+            pass
+    tok.save_pretrained(tmp)
+
+
+def _report(done: list[LayerResult], protocol: dict, net, adapter) -> dict:
+    layers = [asdict(r) for r in done]
+    pruned = sum(r.shape[0] * r.shape[1] for r in done)
+    zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in done)
+    return {
+        "layers": layers,
+        "total": {
+            "pruned_matrices": len(done), "pruned_params": pruned,
+            "sparsity_of_pruned_matrices": zeros / pruned if pruned else 0.0,
+            "mean_rel_error": sum(r.rel_error for r in done) / len(done) if done else 0.0,
+        },
+    }
+
+
+def _eval_pair(model_spec, pruned_dir, corpora, seqlen, max_windows, dtype, device) -> dict:
+    """Perplexity before (input model) and after (the pruned checkpoint just written)."""
+    res = {}
+    for tag, spec in (("before", model_spec), ("after", str(pruned_dir))):
+        m, tok, _ = load_model(spec, dtype=dtype, device=device)
+        res[tag] = {c: perplexity(m, tok, c, seqlen=seqlen, max_windows=max_windows) for c in corpora}
+        del m
+    return res
+
+
+def summary_table(report: dict) -> str:
+    man = report["manifest"]
+    lines = [f"method {man['method']}  sparsity {man['sparsity']} ({man['sparsity_semantics']})",
+             f"pruned matrices: {report['total']['pruned_matrices']}, measured sparsity "
+             f"{report['total']['sparsity_of_pruned_matrices']:.4f}, mean relative layer error "
+             f"{report['total']['mean_rel_error']:.4f}, wall {man.get('wall_time_s', 0):.1f}s, peak RSS {man.get('peak_rss_mb', 0):.0f} MB"]
+    if "eval" in report:
+        lines.append(f"{'corpus':<14}{'before':>12}{'after':>12}{'ratio':>9}")
+        for c, b in report["eval"]["before"].items():
+            a = report["eval"]["after"][c]
+            lines.append(f"{c:<14}{b['ppl']:>12.3f}{a['ppl']:>12.3f}{a['ppl'] / b['ppl']:>9.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""Layer Hessian helpers shared by the Hessian-based pruning methods.
+
+The caller accumulates ``H = 2 X Xᵀ / N`` (in × in) over the N calibration tokens ``X`` (in × N) of a
+linear layer, **undampened**. Each method then calls `prepare_hessian`, which
+
+* marks dead inputs (``H_jj == 0``: the input is always zero), sets their ``H_jj = 1`` and zeroes the
+  matching column of ``W`` (those weights have no effect on the output),
+* dampens: ``H += λ · mean(diag H) · I`` (λ = ``damp``, 0.01 by default),
+* factors ``H = L Lᵀ`` and, when asked, the upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = Uᵀ U``).
+
+If a factorization fails (float round-off can make an accumulated ``H`` slightly indefinite), it retries
+with 10x more dampening, a few times, logging a warning on the ``prunetune`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import PrunetuneError
+
+log = logging.getLogger("prunetune")
+
+__all__ = ["damp_hessian", "inverse_cholesky_upper", "prepare_hessian", "PreparedHessian", "layer_error",
+           "relative_layer_error", "compute_dtype"]
+
+DEFAULT_RETRIES = 5
+
+
+def compute_dtype(*tensors) -> torch.dtype:
+    """float64 if any input is float64, else float32 (the working precision of the methods)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def damp_hessian(H: Tensor, W: Tensor, damp: float) -> tuple[Tensor, Tensor]:
+    """Return ``(H_damped, W_with_dead_columns_zeroed)``; neither input is modified.
+
+    Dead inputs (``H_jj == 0``) get ``H_jj = 1`` and ``W[:, j] = 0``; then ``H += damp · mean(diag H) · I``
+    (mean taken after the dead entries were set to 1, as in the SparseGPT reference code).
+    """
+    H = H.clone()
+    W = W.clone()
+    diag = H.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    W[:, dead] = 0.0
+    if damp:
+        diag += damp * diag.mean()
+    return H, W
+
+
+def _upper_inverse_factor(H: Tensor) -> Tensor | None:
+    """Upper-triangular ``U`` with ``Uᵀ U = H⁻¹`` or None if ``H`` is not (numerically) positive definite.
+
+    With ``J`` the reversal permutation and ``J H J = M Mᵀ`` (Cholesky), ``U = J M⁻¹ J``: one Cholesky
+    and one triangular inverse instead of Cholesky, inverse and a second Cholesky.
+    """
+    M, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    if int(info) != 0:
+        return None
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    U = torch.linalg.solve_triangular(M, eye, upper=False).flip(0, 1)
+    if not torch.isfinite(U).all() or not (U.diagonal() > 0).all():
+        return None
+    return U
+
+
+@dataclass
+class PreparedHessian:
+    """A dampened Hessian ready for pruning (all tensors in the working dtype, on W's device)."""
+
+    H: Tensor            # dampened H actually used (after any retries)
+    W: Tensor            # copy of W with dead columns zeroed
+    dead: Tensor         # bool (in,): inputs that are always zero
+    damp: float          # λ actually used
+    L: Tensor            # lower Cholesky factor of H
+    U: Tensor | None     # upper Cholesky factor of H⁻¹ (when requested)
+
+    def inverse(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``H⁻¹`` (computed in float64 for accuracy, returned in ``dtype`` or the working dtype)."""
+        Hinv = torch.cholesky_inverse(self.L.double())
+        return Hinv.to(dtype or self.H.dtype)
+
+
+def _retry_damps(damp: float, retries: int) -> list[float]:
+    base = damp if damp > 0 else 1e-4
+    return [damp] + [base * 10.0 ** k for k in range(1, retries + 1)]
+
+
+def prepare_hessian(H: Tensor, W: Tensor, damp: float = 0.01, *, upper_inverse: bool = False,
+                    retries: int = DEFAULT_RETRIES, dtype: torch.dtype | None = None) -> PreparedHessian:
+    """Dead-input handling + dampening + Cholesky factor(s), retrying with 10x more dampening on failure."""
+    if H is None:
+        raise ValueError("this pruning method needs the layer Hessian H (got None)")
+    if H.dim() != 2 or H.shape[0] != H.shape[1] or H.shape[0] != W.shape[1]:
+        raise ValueError(f"H must be ({W.shape[1]}, {W.shape[1]}) for W of shape {tuple(W.shape)}, got {tuple(H.shape)}")
+    dtype = dtype or compute_dtype(W, H)
+    Hc = H.to(device=W.device, dtype=dtype)
+    Wc = W.to(dtype)
+    dead = Hc.diagonal() == 0
+    damps = _retry_damps(float(damp), retries)
+    for attempt, lam in enumerate(damps):
+        Hd, W0 = damp_hessian(Hc, Wc, lam)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        U = None
+        ok = int(info) == 0 and bool(torch.isfinite(L).all())
+        if ok and upper_inverse:
+            U = _upper_inverse_factor(Hd)
+            ok = U is not None
+        if ok:
+            return PreparedHessian(Hd, W0, dead, lam, L, U)
+        if attempt + 1 < len(damps):
+            log.warning("Hessian of a %dx%d layer is not positive definite with damp=%g; retrying with damp=%g",
+                        W.shape[0], W.shape[1], lam, damps[attempt + 1])
+    raise PrunetuneError(f"the layer Hessian is not positive definite even with damp={damps[-1]:g} "
+                         f"(calibration activations may be degenerate; try a larger --damp)")
+
+
+def inverse_cholesky_upper(H: Tensor, damp: float = 0.01, *, retries: int = DEFAULT_RETRIES) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``(H_damped)⁻¹`` (``Uᵀ U = H_damped⁻¹``), with the dampening retries."""
+    dummy = torch.zeros(1, H.shape[0], dtype=H.dtype, device=H.device)
+    return prepare_hessian(H, dummy, damp, upper_inverse=True, retries=retries).U
+
+
+def row_errors(W_old: Tensor, W_new: Tensor, H: Tensor) -> Tensor:
+    """Per output row ``δw H δwᵀ`` in float64 (``δw = w_new − w_old``); they sum to `layer_error`."""
+    D = W_new.double() - W_old.double()
+    return ((D @ H.to(device=D.device, dtype=torch.float64)) * D).sum(1)
+
+
+def layer_error(W_old: Tensor, W_new: Tensor, H: Tensor) -> float:
+    """``tr(ΔW H ΔWᵀ)`` with ``ΔW = W_new − W_old``.
+
+    With ``H = 2 X Xᵀ / N`` (undampened) this is ``(2/N) · ||ΔW X||²_F``: twice the mean over the N
+    calibration tokens of the squared output change of the layer.
+    """
+    return float(row_errors(W_old, W_new, H).sum())
+
+
+def relative_layer_error(W_old: Tensor, W_new: Tensor, H: Tensor) -> float:
+    """`layer_error` divided by ``tr(W_old H W_oldᵀ)`` (= ``||ΔW X||² / ||W X||²``); 0 when both are 0."""
+    num = layer_error(W_old, W_new, H)
+    W = W_old.double()
+    den = float(((W @ H.to(device=W.device, dtype=torch.float64)) * W).sum())
+    if den <= 0:
+        return 0.0 if num == 0 else float("inf")
+    return num / den

@@ -1,0 +1,77 @@
+"""Registry of one-shot pruning methods.
+
+A method is a function ``fn(W, H, spec, *, damp=0.01, blocksize=128, **opts) -> Tensor``:
+
+* ``W``: float32 weight (out × in); never modified in place;
+* ``H``: ``2 X Xᵀ / N`` (in × in, undampened) or None for methods that do not need it;
+* ``spec``: a `SparsitySpec`;
+* returns the new weight (same shape, working dtype), pruned entries exactly 0.0.
+
+Adding a method = adding one module to this package that decorates its function with `register`;
+modules here are discovered automatically (names starting with ``_`` are skipped).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Callable
+
+from ...errors import PrunetuneError
+
+__all__ = ["PruneMethod", "register", "get_method", "available", "reject_unknown_opts"]
+
+
+@dataclass
+class PruneMethod:
+    name: str
+    fn: Callable
+    needs_hessian: bool
+    doc: str
+
+
+_REGISTRY: dict[str, PruneMethod] = {}
+
+
+def register(name: str, needs_hessian: bool = True):
+    """Decorator: register ``fn`` under ``name`` (its docstring's first paragraph becomes ``doc``)."""
+
+    def deco(fn):
+        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+            raise ValueError(f"pruning method '{name}' registered twice")
+        doc = (fn.__doc__ or "").strip().split("\n\n")[0]
+        _REGISTRY[name] = PruneMethod(name, fn, needs_hessian, " ".join(doc.split()))
+        return fn
+
+    return deco
+
+
+def available() -> list[str]:
+    """Names of all registered methods, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> PruneMethod:
+    """The method called ``name`` (case-insensitive); `PrunetuneError` listing the choices otherwise."""
+    key = str(name).strip().lower()
+    if key not in _REGISTRY:
+        raise PrunetuneError(f"unknown method '{name}' (choose from: {', '.join(available())})")
+    return _REGISTRY[key]
+
+
+def reject_unknown_opts(method: str, opts: dict, allowed) -> None:
+    """`PrunetuneError` if a method got options it does not understand (they come from the user)."""
+    if opts:
+        bad = ", ".join(f"'{k}'" for k in sorted(opts))
+        ok = ", ".join(sorted(allowed)) or "none"
+        raise PrunetuneError(f"method '{method}' does not take option(s) {bad} (it takes: {ok})")
+
+
+def _discover() -> None:
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
+_discover()

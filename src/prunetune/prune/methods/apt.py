@@ -1,0 +1,319 @@
+"""APT: optimal multiple removal — remove a whole set of weights of a row at once, optimally.
+
+For one output row ``w`` (1 × in), dampened Hessian ``H`` and a removal set ``P`` (kept set ``K``), the
+change ``δw`` minimising ``δw H δwᵀ`` subject to ``(w + δw)_P = 0`` is
+
+    δw* = − w_P · [(H⁻¹)_PP]⁻¹ · (H⁻¹)_{P,:}        with loss  L(P) = ½ · w_P [(H⁻¹)_PP]⁻¹ w_Pᵀ = ½ · δw* H δw*ᵀ
+
+or, equivalently, on the kept set: ``ŵ_K = w · H_{:,K} · (H_KK)⁻¹``, ``ŵ_P = 0`` — the exact least-squares
+optimum of ``||(ŵ − w) X||²`` for that mask (with ``H = 2 X Xᵀ / N`` the loss is ``(1/N)·||δw X||²``).
+Every surviving weight is updated (SparseGPT only updates the columns to the right of each removed one),
+so on the same mask APT's layer error is never larger. For a single weight it is the OBS update.
+
+`exact_solve` computes this for every row: small systems directly, batched over chunks of rows that share
+``|P|``, with Cholesky on the gathered ``(rows, s, s)`` systems, ``s = min(|P|, |K|)`` (K-form on ``H_KK``
+or P-form on ``(H⁻¹)_PP``); large ones (``s > 512``) by conjugate gradients on ``H_KK`` shared by all rows
+(one dense matmul per iteration), preconditioned by ``(H⁻¹)_KK``, to a relative residual of 1e-6 in
+float32 (rows that do not converge fall back to the direct solve).
+
+Mask selection (option ``select``):
+
+* ``"obs"`` — unstructured: per row, the lowest saliency ``w_j² / [H⁻¹]_jj`` (optionally over ``rounds``
+  rounds: each round removes a further share of the weights, ranked by the saliency of the current optimal
+  weights w.r.t. the inverse Hessian of the surviving inputs). N:M: in each group of M columns, the subset
+  ``P`` of size ``M − N`` minimising ``L(P)`` restricted to the group (all C(M, M−N) subsets, vectorised).
+* ``"sparsegpt"`` — the mask SparseGPT's sequential procedure chooses, solved exactly.
+* ``"best"`` (default) — both candidates solved exactly; per row the lower error wins. SparseGPT's own
+  row is a third candidate, and a candidate may only win a row where its error is ≤ SparseGPT's under
+  both the dampened H (the one all solves use) and the caller's undampened H (the reported layer error).
+  The exact solve on SparseGPT's mask always qualifies under the dampened H, so APT's layer error is
+  ≤ SparseGPT's (same ``damp``/``blocksize``) by construction, in both metrics.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import Tensor
+
+from ...errors import PrunetuneError
+from ..hessian import PreparedHessian, prepare_hessian, row_errors
+from ..masks import SparsitySpec, num_pruned, prune_mask_rows
+from . import register, reject_unknown_opts
+from .sparsegpt import sparsegpt_prune
+
+# Elements of one gathered (rows, s, s) batch; bounds the memory of the batched solves (~128 MB float32).
+_BATCH_ELEMS = 1 << 25
+# Beyond this many subsets per N:M group, fall back to per-weight saliency within the group.
+_MAX_NM_SUBSETS = 5000
+
+
+def _chunk_rows(s: int, chunk_rows: int | None) -> int:
+    if chunk_rows:
+        return max(1, int(chunk_rows))
+    return max(1, _BATCH_ELEMS // max(1, s * s))
+
+
+def _gather_square(A: Tensor, idx: Tensor) -> Tensor:
+    """``A[idx_r][:, idx_r]`` for each row of ``idx`` (r, s) → (r, s, s)."""
+    return A[idx.unsqueeze(2), idx.unsqueeze(1)]
+
+
+def _batched_spd_solve(A: Tensor, b: Tensor) -> Tensor:
+    """Solve ``A x = b`` for SPD ``A`` (r, s, s), ``b`` (r, s); falls back to float64 LU where Cholesky fails."""
+    L, info = torch.linalg.cholesky_ex(A)
+    y = torch.linalg.solve_triangular(L, b.unsqueeze(-1), upper=False)
+    x = torch.linalg.solve_triangular(L.mT, y, upper=True).squeeze(-1)
+    bad = (info != 0) | ~torch.isfinite(x).all(-1)
+    if bad.any():
+        xb = torch.linalg.solve(A[bad].double(), b[bad].double().unsqueeze(-1)).squeeze(-1)
+        x[bad] = xb.to(x.dtype)
+    return x
+
+
+def _pcg_solve(W: Tensor, H: Tensor, Hinv: Tensor, mask: Tensor, tol: float, maxiter: int) -> tuple[Tensor, Tensor]:
+    """All rows at once: conjugate gradients on ``H_KK x_K = (w H)_K`` (x_P = 0), preconditioned by ``(H⁻¹)_KK``.
+
+    Each iteration is one dense (rows × in) @ (in × in) product shared by all rows. Returns the solution
+    and a bool per row telling whether the relative residual reached ``tol``.
+    """
+    keep = (~mask).to(W.dtype)
+    b = (W @ H) * keep
+    bnorm = b.norm(dim=1).clamp_min(torch.finfo(W.dtype).tiny)
+    x = (b @ Hinv) * keep
+    r = b - (x @ H) * keep
+    z = (r @ Hinv) * keep
+    p = z.clone()
+    rz = (r * z).sum(1, keepdim=True)
+    done = r.norm(dim=1) <= tol * bnorm
+    for _ in range(maxiter):
+        if bool(done.all()):
+            break
+        Ap = (p @ H) * keep
+        pAp = (p * Ap).sum(1, keepdim=True)
+        alpha = torch.where(pAp > 0, rz / pAp.clamp_min(torch.finfo(W.dtype).tiny), torch.zeros_like(pAp))
+        alpha[done] = 0.0  # freeze converged rows
+        x.add_(alpha * p)
+        r.sub_(alpha * Ap)
+        done |= r.norm(dim=1) <= tol * bnorm
+        z = (r @ Hinv) * keep
+        rz_new = (r * z).sum(1, keepdim=True)
+        p = z + (rz_new / rz.clamp_min(torch.finfo(W.dtype).tiny)) * p
+        rz = rz_new
+    return x, done
+
+
+# Systems of at most this size are solved directly (batched Cholesky); larger ones by shared PCG.
+_DIRECT_MAX = 512
+
+
+def exact_solve(W: Tensor, H: Tensor, mask: Tensor, *, Hinv: Tensor | None = None, form: str = "auto",
+                chunk_rows: int | None = None, solver: str = "auto", tol: float | None = None,
+                maxiter: int = 300) -> Tensor:
+    """Optimal weights for a fixed removal mask: per row ``ŵ_K = w H_{:,K} (H_KK)⁻¹``, ``ŵ_P = 0``.
+
+    ``H`` is the (already dampened, positive definite) Hessian; ``mask`` True = removed. Rows may have
+    different ``|P|`` (they are grouped). Removed entries are exactly 0.0 in the result.
+
+    ``solver``: "direct" — batched Cholesky on ``(rows, s, s)`` gathered systems, ``s = min(|P|, |K|)``,
+    ``form`` "auto" (smaller system), "K" or "P"; "cg" — preconditioned conjugate gradients shared by all
+    rows to a relative residual ``tol`` (default 1e-6 in float32, 1e-12 in float64), rows that do not
+    converge within ``maxiter`` are re-solved directly; "auto" — direct when ``s <= 512``, else cg.
+    """
+    if form not in ("auto", "K", "P"):
+        raise ValueError(f"form must be 'auto', 'K' or 'P' (got {form!r})")
+    if solver not in ("auto", "direct", "cg"):
+        raise ValueError(f"solver must be 'auto', 'direct' or 'cg' (got {solver!r})")
+    rows, cols = W.shape
+    H = H.to(W.dtype)
+    p_all = mask.sum(1)
+    s_max = int(torch.minimum(p_all, cols - p_all).max()) if rows else 0
+    if solver == "cg" or (solver == "auto" and s_max > _DIRECT_MAX):
+        if Hinv is None:
+            Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H.double())).to(W.dtype)
+        tol = tol if tol is not None else (1e-12 if W.dtype == torch.float64 else 1e-6)
+        out = W.clone()
+        step = max(1, (1 << 24) // max(1, cols))
+        for r0 in range(0, rows, step):
+            sl = slice(r0, r0 + step)
+            x, ok = _pcg_solve(W[sl], H, Hinv, mask[sl], tol, maxiter)
+            if not bool(ok.all()):
+                bad = (~ok).nonzero().squeeze(1)
+                x[bad] = exact_solve(W[sl][bad], H, mask[sl][bad], Hinv=Hinv, form=form, solver="direct")
+            out[sl] = x.masked_fill(mask[sl], 0.0)
+        return out
+    out = W.clone()
+    for p in torch.unique(p_all).tolist():
+        sel = (p_all == p).nonzero().squeeze(1)
+        k = cols - p
+        if p == 0:
+            continue
+        if k == 0:
+            out[sel] = 0.0
+            continue
+        use_k = form == "K" or (form == "auto" and k <= p)
+        if not use_k and Hinv is None:
+            Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H.double())).to(W.dtype)
+        s = k if use_k else p
+        step = _chunk_rows(s, chunk_rows)
+        for c0 in range(0, sel.numel(), step):
+            r = sel[c0:c0 + step]
+            w = W[r]
+            # stable sort of the mask: kept (False) columns first, removed (True) last, each in column order
+            order = torch.sort(mask[r].to(torch.int8), dim=1, stable=True).indices
+            idx_k, idx_p = order[:, :k], order[:, k:]
+            if use_k:
+                b = torch.gather(w @ H, 1, idx_k)
+                x = _batched_spd_solve(_gather_square(H, idx_k), b)
+                new = torch.zeros_like(w).scatter_(1, idx_k, x)
+            else:
+                z = _batched_spd_solve(_gather_square(Hinv, idx_p), torch.gather(w, 1, idx_p))
+                new = w - torch.zeros_like(w).scatter_(1, idx_p, z) @ Hinv
+                new.scatter_(1, idx_p, 0.0)
+            out[r] = new
+    return out
+
+
+def _kept_inverse_diag(H: Tensor, mask: Tensor, chunk_rows: int | None) -> Tensor:
+    """Per row, ``diag((H_KK)⁻¹)`` scattered to the kept columns (removed columns: +inf)."""
+    rows, cols = mask.shape
+    out = torch.full((rows, cols), float("inf"), dtype=H.dtype, device=H.device)
+    counts = mask.sum(1)
+    for p in torch.unique(counts).tolist():
+        sel = (counts == p).nonzero().squeeze(1)
+        k = cols - p
+        if k == 0:
+            continue
+        step = _chunk_rows(k, chunk_rows)
+        eye = torch.eye(k, dtype=H.dtype, device=H.device)
+        for c0 in range(0, sel.numel(), step):
+            r = sel[c0:c0 + step]
+            idx_k = torch.sort(mask[r].to(torch.int8), dim=1, stable=True).indices[:, :k]
+            L, info = torch.linalg.cholesky_ex(_gather_square(H, idx_k))
+            if (info != 0).any():
+                d = torch.linalg.inv(_gather_square(H, idx_k).double()).diagonal(dim1=1, dim2=2).to(H.dtype)
+            else:
+                Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+                d = Linv.square().sum(1)  # (L⁻ᵀ L⁻¹)_jj = Σ_i (L⁻¹)_ij²
+            out[r] = out[r].scatter(1, idx_k, d)
+    return out
+
+
+def _obs_mask_unstructured(W0: Tensor, prep: PreparedHessian, Hinv: Tensor, sparsity: float, rounds: int,
+                           chunk_rows: int | None, solver: str = "auto") -> Tensor:
+    rows, cols = W0.shape
+    k_total = num_pruned(cols, sparsity)
+    saliency = W0.square() / Hinv.diagonal()
+    if rounds <= 1 or k_total == 0:
+        return prune_mask_rows(saliency, sparsity)
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=W0.device)
+    done = 0
+    for r in range(1, rounds + 1):
+        target = int(math.floor(k_total * r / rounds + 0.5))
+        add = target - done
+        if add <= 0:
+            continue
+        if r > 1:
+            w_cur = exact_solve(W0, prep.H, mask, Hinv=Hinv, chunk_rows=chunk_rows, solver=solver)
+            saliency = w_cur.square() / _kept_inverse_diag(prep.H, mask, chunk_rows)
+        s = saliency.masked_fill(mask, float("inf"))
+        mask.scatter_(1, torch.topk(s, add, dim=1, largest=False).indices, True)
+        done = target
+    return mask
+
+
+def _obs_mask_nm(W0: Tensor, Hinv: Tensor, n: int, m: int, chunk_rows: int | None) -> Tensor:
+    """Per group of m columns, the removal subset of size m-n with the lowest ``L(P)`` (H⁻¹ restricted to the group)."""
+    rows, cols = W0.shape
+    p = m - n
+    G = cols // m
+    mask = torch.zeros(rows, G, m, dtype=torch.bool, device=W0.device)
+    if math.comb(m, p) > _MAX_NM_SUBSETS:
+        sal = (W0.square() / Hinv.diagonal()).view(rows, G, m)
+        mask.scatter_(2, torch.topk(sal, p, dim=2, largest=False).indices, True)
+        return mask.view(rows, cols)
+    subsets = torch.tensor(list(itertools.combinations(range(m), p)), device=W0.device)  # (C, p)
+    C = subsets.shape[0]
+    idx = torch.arange(G, device=W0.device).mul_(m)[:, None, None] + subsets[None]  # (G, C, p)
+    S = Hinv.double()[idx.unsqueeze(-1), idx.unsqueeze(-2)]  # (G, C, p, p)
+    Sinv = torch.linalg.inv(S).to(W0.dtype)
+    step = chunk_rows or max(1, _BATCH_ELEMS // (G * C * p * 2))
+    Wg = W0.view(rows, G, m)
+    for r0 in range(0, rows, step):
+        wP = Wg[r0:r0 + step][:, :, subsets]  # (r, G, C, p)
+        loss = torch.einsum("rgcp,gcpq,rgcq->rgc", wP, Sinv, wP)
+        best = subsets[loss.argmin(-1)]  # (r, G, p)
+        mask[r0:r0 + step].scatter_(2, best, True)
+    return mask.view(rows, cols)
+
+
+def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, blocksize: int = 128,
+              select: str = "best", rounds: int = 1, chunk_rows: int | None = None, solver: str = "auto") -> Tensor:
+    """See module docstring; returns the new weight."""
+    if select not in ("best", "obs", "sparsegpt"):
+        raise PrunetuneError(f"apt: select must be 'best', 'obs' or 'sparsegpt' (got '{select}')")
+    try:
+        rounds = int(rounds)
+    except (TypeError, ValueError):
+        raise PrunetuneError(f"apt: rounds must be a positive integer (got '{rounds}')") from None
+    if rounds < 1:
+        raise PrunetuneError(f"apt: rounds must be a positive integer (got '{rounds}')")
+    if chunk_rows is not None and int(chunk_rows) < 1:
+        raise PrunetuneError(f"apt: chunk_rows must be a positive integer (got '{chunk_rows}')")
+    if solver not in ("auto", "direct", "cg"):
+        raise PrunetuneError(f"apt: solver must be 'auto', 'direct' or 'cg' (got '{solver}')")
+    if spec.is_nm:
+        spec.check_fits(W.shape[1], f"weight of shape {tuple(W.shape)}")
+    prep = prepare_hessian(H, W, damp, upper_inverse=select != "obs")
+    W0 = prep.W
+
+    def solve(mask):
+        out = exact_solve(W0, prep.H, mask, Hinv=Hinv, chunk_rows=chunk_rows, solver=solver)
+        out[:, prep.dead] = 0.0
+        return out
+
+    need_obs = select in ("obs", "best")
+    Hinv = prep.inverse() if need_obs else None
+    if need_obs:
+        if spec.is_nm:
+            obs_mask = _obs_mask_nm(W0, Hinv, spec.n, spec.m, chunk_rows)
+        else:
+            obs_mask = _obs_mask_unstructured(W0, prep, Hinv, spec.sparsity, rounds, chunk_rows, solver)
+        W_obs = solve(obs_mask)
+        if select == "obs":
+            return W_obs
+    W_sg, sg_mask, _ = sparsegpt_prune(W, H, spec, damp=damp, blocksize=blocksize, prepared=prep)
+    W_ex = solve(sg_mask)
+    if select == "sparsegpt":
+        return W_ex
+
+    # per-row choice among {obs-mask exact, sparsegpt-mask exact, sparsegpt itself}
+    cands = [W_obs, W_ex]
+    e_d_sg = row_errors(W0, W_sg, prep.H)
+    e_u_sg = row_errors(W, W_sg, H)
+    best = W_sg.clone()
+    best_e = e_d_sg.clone()
+    for Wc in cands:
+        e_d = row_errors(W0, Wc, prep.H)
+        e_u = row_errors(W, Wc, H)
+        ok = (e_d <= e_d_sg) & (e_u <= e_u_sg) & (e_d < best_e) & torch.isfinite(Wc).all(1)
+        best[ok] = Wc[ok]
+        best_e[ok] = e_d[ok]
+    return best
+
+
+@register("apt")
+def apt(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, blocksize: int = 128, **opts) -> Tensor:
+    """APT: optimal multiple removal — exact least-squares update of all kept weights for the chosen mask.
+
+    Options: ``select`` = "best" (default: per row the better of the OBS-saliency mask and SparseGPT's mask,
+    never worse than SparseGPT), "obs" or "sparsegpt"; ``rounds`` (unstructured "obs" selection, default 1);
+    ``chunk_rows`` (rows per batched direct solve; default from a memory budget); ``solver`` = "auto" (default),
+    "direct" (batched Cholesky) or "cg" (shared preconditioned conjugate gradients, see `exact_solve`);
+    ``damp``; ``blocksize`` (for the SparseGPT candidate).
+    """
+    allowed = {"select", "rounds", "chunk_rows", "solver"}
+    reject_unknown_opts("apt", {k: v for k, v in opts.items() if k not in allowed}, sorted(allowed))
+    return apt_prune(W, H, spec, damp=damp, blocksize=blocksize, **opts)

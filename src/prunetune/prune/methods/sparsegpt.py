@@ -1,0 +1,87 @@
+"""SparseGPT (Frantar & Alistarh, 2023): OBS-style sequential pruning with lazy block updates.
+
+Algorithm (as in the reference implementation):
+
+* ``U`` = upper Cholesky factor of ``H⁻¹`` (dampened H), so that the OBS update for removing column ``j``
+  from the columns ``≥ j`` is ``W[:, j:] -= (w_j − q_j) / U_jj · U[j, j:]``;
+* columns are processed in blocks of ``blocksize``; at the start of a block the mask of the block is
+  chosen from the current (already updated) weights by the score ``w² / U_jj²``: unstructured — per row,
+  the lowest-scoring share of the block's columns (counts are spread over blocks so that each row ends
+  with exactly ``round(sparsity · in)`` zeros); N:M — when a group of M columns starts, its ``M − N``
+  lowest;
+* inside a block, one column at a time: zero the masked weights, spread their error over the block's
+  remaining columns; after the block, apply the accumulated error to all later columns at once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..hessian import PreparedHessian, prepare_hessian
+from ..masks import SparsitySpec, num_pruned
+from . import register, reject_unknown_opts
+
+
+def sparsegpt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, blocksize: int = 128,
+                    prepared: PreparedHessian | None = None) -> tuple[Tensor, Tensor, PreparedHessian]:
+    """SparseGPT; returns ``(W_new, mask, prepared)`` (mask: True = pruned by the algorithm).
+
+    ``prepared`` (from `prepare_hessian(..., upper_inverse=True)`) can be passed to reuse the factorization.
+    """
+    if spec.is_nm:
+        spec.check_fits(W.shape[1], f"weight of shape {tuple(W.shape)}")
+    prep = prepared if prepared is not None else prepare_hessian(H, W, damp, upper_inverse=True)
+    if prep.U is None:
+        raise ValueError("sparsegpt_prune needs a PreparedHessian with the upper inverse factor U")
+    U = prep.U
+    W = prep.W.clone()
+    rows, cols = W.shape
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+    bs = max(1, int(blocksize))
+    if spec.is_nm:
+        m, p = spec.m, spec.m - spec.n
+        bs = max(m, bs // m * m)  # groups must not straddle blocks
+
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        d = U1.diagonal()
+        mask1 = mask[:, i1:i2]
+        if not spec.is_nm:
+            kb = num_pruned(i2, spec.sparsity) - num_pruned(i1, spec.sparsity)
+            if kb:
+                score = W1.square() / d.square()
+                mask1.scatter_(1, torch.topk(score, kb, dim=1, largest=False).indices, True)
+        for i in range(count):
+            w = W1[:, i]
+            if spec.is_nm and i % m == 0:
+                score = W1[:, i:i + m].square() / d[i:i + m].square()
+                mask1.scatter_(1, i + torch.topk(score, p, dim=1, largest=False).indices, True)
+            q = w.masked_fill(mask1[:, i], 0.0)
+            Q1[:, i] = q
+            err = (w - q) / d[i]
+            if i + 1 < count:
+                W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1.0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        if i2 < cols:
+            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+
+    W[:, prep.dead] = 0.0
+    return W, mask, prep
+
+
+@register("sparsegpt")
+def sparsegpt(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, blocksize: int = 128,
+              **opts) -> Tensor:
+    """SparseGPT: column blocks, mask by w²/[U]_jj² (U = Cholesky factor of H⁻¹), OBS updates of later columns.
+
+    Options: ``damp`` (relative dampening of H), ``blocksize`` (columns per lazy-update block).
+    """
+    reject_unknown_opts("sparsegpt", opts, [])
+    return sparsegpt_prune(W, H, spec, damp=damp, blocksize=blocksize)[0]

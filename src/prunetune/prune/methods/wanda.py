@@ -1,0 +1,34 @@
+"""Wanda (Sun et al., 2024): prune by ``|W_ij| · ||X_j||₂`` within each output row, no weight update."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..hessian import compute_dtype
+from ..masks import SparsitySpec, prune_mask_nm, prune_mask_rows
+from . import register, reject_unknown_opts
+
+
+@register("wanda")
+def wanda(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, blocksize: int = 128, **opts) -> Tensor:
+    """Score |W_ij|·||X_j||₂, prune the lowest of each output row (N:M: of each group of M); weights not updated.
+
+    ``||X_j||₂² = N/2 · H_jj`` for ``H = 2 X Xᵀ / N``, so ``sqrt(diag H)`` gives the same ranking. Dead inputs
+    (``H_jj == 0``) score 0 and their column is zeroed. ``damp`` and ``blocksize`` are ignored.
+    """
+    reject_unknown_opts("wanda", opts, [])
+    if H is None:
+        raise ValueError("wanda needs the layer Hessian H (got None)")
+    dtype = compute_dtype(W, H)
+    Wc = W.to(dtype)
+    diag = H.diagonal().to(device=W.device, dtype=dtype)
+    norms = diag.clamp_min(0).sqrt()
+    scores = Wc.abs() * norms
+    if spec.is_nm:
+        spec.check_fits(W.shape[1], f"weight of shape {tuple(W.shape)}")
+        mask = prune_mask_nm(scores, spec.n, spec.m)
+    else:
+        mask = prune_mask_rows(scores, spec.sparsity)
+    mask[:, diag == 0] = True
+    return torch.where(mask, torch.zeros((), dtype=dtype, device=W.device), Wc)

@@ -1,0 +1,465 @@
+"""The one training loop shared by every tuning method (SPP, LoRA baselines, PAT).
+
+A method plugs in by subclassing ``TuningMethod`` and filling in its hooks; ``train()`` owns everything
+else (data order, loss, optimiser, schedule, gradient accumulation, distributed data parallel through
+``accelerate``, evaluation, checkpoints, resume, progress bar).
+
+Per optimiser step (``step`` = 0, 1, ..., total_steps - 1)::
+
+    method.on_step_begin(model, step, total_steps)           # e.g. PAT sets its mask temperature
+    for each micro-batch of this process:                     # grad accumulation, DDP sync on the last
+        loss = Σ NLL(response tokens) / (tokens in the whole global batch) · world_size
+        on the last micro-batch: loss += method.extra_loss(model, step, total_steps)[0]
+        backward
+    clip grads to max_grad_norm, AdamW step, scheduler step, zero grads
+    method.on_step_end(model, step + 1, total_steps)          # number of steps done
+
+The task loss is normalised by the label-token count of the *global* batch (all micro-batches of all
+processes), so one process with batch B and N processes with batch B / N follow the same loss curve and
+gradients (up to float summation order). ``extra_loss`` is added once per step on every process (DDP
+averages identical gradients, so it counts once).
+
+Data order: global batch ``k`` of epoch ``e`` is a slice of ``randperm(n_train, seed + e)``; its
+``batch_size · grad_accum · world`` examples are cut into micro-batches and micro-batch ``j`` goes to process
+``j % world``. The incomplete last global batch of an epoch is dropped. The order depends only on the
+seed and the step, so resuming needs no data-loader state.
+
+Checkpoints (every ``checkpoint_every`` steps, under ``out_dir/checkpoints/step-NNNNNN``, written to a
+temporary folder then renamed): the method's adapters, AdamW and scheduler state, each process's RNG
+state, the step, the history and a run fingerprint (train config, method config, base model, data).
+``resume=True`` continues from the newest one and refuses one whose fingerprint differs. On CPU with the
+same seed the resumed run ends with bit-identical adapter weights.
+
+RNG: ``torch.manual_seed(seed)`` before ``method.prepare`` (identical adapter init on every process), then
+``seed + process_index`` for training (dropout). bf16: ``"auto"`` uses bf16 autocast only on a CUDA GPU
+that supports it (CPU stays fp32).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import PrunetuneError
+
+log = logging.getLogger("prunetune")
+
+SCHEDULES = ("cosine", "linear", "constant")
+#: TrainConfig fields that do not change the trained weights (left out of the run fingerprint)
+_NON_SEMANTIC = {"eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints", "stop_at_step",
+                 "progress", "log_every"}
+
+
+class TuningMethod:
+    """Base class of a tuning method; override the hooks you need.
+
+    ``prepare`` injects modules and freezes what must stay frozen; everything else has a sensible default.
+    Hooks receive the *unwrapped* model (never the DDP wrapper).
+    """
+
+    name = "method"
+    #: set True when some trainable parameters may get no gradient in a step (DDP needs to know)
+    find_unused_parameters = False
+
+    def fingerprint(self) -> dict:
+        """What identifies this method's configuration (part of the run fingerprint)."""
+        return {"method": self.name}
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def on_step_begin(self, model: nn.Module, step: int, total_steps: int) -> None:
+        pass
+
+    def extra_loss(self, model: nn.Module, step: int, total_steps: int):
+        """Return ``(loss tensor or None, {name: float})``; the dict is logged and shown on the progress bar."""
+        return None, {}
+
+    def on_step_end(self, model: nn.Module, step: int, total_steps: int) -> None:
+        pass
+
+    def save_adapters(self, model: nn.Module, directory) -> None:
+        raise NotImplementedError
+
+    def load_adapters(self, model: nn.Module, directory) -> None:
+        raise NotImplementedError
+
+    def export(self, model: nn.Module, out_dir, tokenizer=None) -> nn.Module:
+        """Merge and save a plain Hugging Face checkpoint; return the merged model."""
+        raise NotImplementedError
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 4e-3
+    epochs: float = 1.0
+    #: when set, overrides epochs
+    max_steps: int | None = None
+    #: micro-batch size per process; global batch = batch_size · grad_accum · number of processes
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    seed: int = 0
+    #: "auto" (bf16 on a CUDA GPU that supports it), True, False
+    bf16: bool | str = "auto"
+    max_grad_norm: float | None = 1.0
+    #: evaluate on the held-out split every k steps and at the end (0 = only at the end; None = never)
+    eval_every: int | None = 0
+    eval_batch_size: int = 8
+    #: checkpoint every k steps (0 = never)
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    #: stop after this many steps as if interrupted (no checkpoint written at the stop); not in the fingerprint
+    stop_at_step: int | None = None
+    progress: bool = True
+    log_every: int = 1
+    #: "auto", "cpu" or "cuda"
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise PrunetuneError(f"unknown schedule '{self.schedule}' (use {', '.join(SCHEDULES)})")
+        for name in ("batch_size", "grad_accum"):
+            if int(getattr(self, name)) <= 0:
+                raise PrunetuneError(f"{name} must be positive (got {getattr(self, name)})")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise PrunetuneError(f"max_steps must be positive (got {self.max_steps})")
+        if self.max_steps is None and self.epochs <= 0:
+            raise PrunetuneError(f"epochs must be positive (got {self.epochs})")
+        if self.lr <= 0:
+            raise PrunetuneError(f"learning rate must be positive (got {self.lr})")
+        if self.warmup_steps < 0:
+            raise PrunetuneError(f"warmup_steps must not be negative (got {self.warmup_steps})")
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def model_fingerprint(model: nn.Module) -> str:
+    """Config plus, per tensor, name / shape / dtype / non-zero count / sum (cheap, catches other weights)."""
+    cfg = model.config.to_dict() if hasattr(model, "config") else {}
+    cfg = {k: v for k, v in cfg.items() if k not in ("transformers_version", "_name_or_path", "torch_dtype", "dtype")}
+    tensors = []
+    for name, p in model.state_dict().items():
+        if not torch.is_floating_point(p):
+            continue
+        tensors.append([name, list(p.shape), str(p.dtype), int(torch.count_nonzero(p)),
+                        f"{float(p.double().sum()):.9e}"])
+    return _hash([cfg, tensors])
+
+
+def _lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        progress = min(max(progress, 0.0), 1.0)
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+def _label_tokens(examples: list[dict]) -> int:
+    return sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
+
+
+def _rng_state() -> dict:
+    st = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _checkpoints(out_dir: Path) -> list[Path]:
+    d = out_dir / "checkpoints"
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+class _Runner:
+    """State of one train() call (kept in one place so checkpoints can save all of it)."""
+
+    def __init__(self, accelerator, model, method, data, config, out_dir, pad_id):
+        self.acc, self.model, self.method, self.data, self.cfg = accelerator, model, method, data, config
+        self.out_dir, self.pad_id = out_dir, pad_id
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.global_bs = config.batch_size * config.grad_accum * self.world
+        self.steps_per_epoch = len(data.train) // self.global_bs
+
+    def global_batch(self, step: int) -> list[dict]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.seed + epoch)
+        perm = torch.randperm(len(self.data.train), generator=g)
+        idx = perm[k * self.global_bs:(k + 1) * self.global_bs].tolist()
+        return [self.data.train[i] for i in idx]
+
+    def my_micro_batches(self, batch: list[dict]) -> list[list[dict]]:
+        bs = self.cfg.batch_size
+        micro = [batch[j * bs:(j + 1) * bs] for j in range(self.cfg.grad_accum * self.world)]
+        return [m for j, m in enumerate(micro) if j % self.world == self.rank]
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        from .data import collate
+
+        ex = self.data.eval
+        if not ex:
+            return None
+        model = self.acc.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        mine = ex[self.rank::self.world]
+        tot = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
+        bs = self.cfg.eval_batch_size
+        for i in range(0, len(mine), bs):
+            b = collate(mine[i:i + bs], self.pad_id)
+            b = {k: v.to(self.acc.device) for k, v in b.items()}
+            with self.acc.autocast():
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            tot[0] += _nll_sum(logits, b["labels"]).double()
+            tot[1] += int((b["labels"][:, 1:] != -100).sum())
+        tot = self.acc.reduce(tot, "sum")
+        model.train(was_training)
+        return float(tot[0] / tot[1]) if tot[1] > 0 else None
+
+
+def train(model: nn.Module, tokenizer, method: TuningMethod, data, config: TrainConfig | None = None,
+          out_dir=None, resume: bool = False) -> dict:
+    """Fine-tune ``model`` with ``method`` on ``data`` (a ``TuneData``). See the module docstring.
+
+    Returns ``{"history": [{"step", "loss", "lr", "tokens_per_s", ["eval_loss"], <method scalars>}...],
+    "steps", "total_steps", "eval_loss", "fingerprint", "stopped", "wall_s", "model"}`` where ``model`` is
+    the trained (unwrapped, not merged) model.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from tqdm.auto import tqdm
+
+    from .data import collate
+
+    cfg = config or TrainConfig()
+    if out_dir is None:
+        raise PrunetuneError("train() needs an output directory")
+    out_dir = Path(out_dir)
+
+    use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise PrunetuneError("device 'cuda' is not available on this machine (no CUDA GPU)")
+    bf16 = cfg.bf16
+    if bf16 == "auto":
+        bf16 = (not use_cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    acc = Accelerator(cpu=use_cpu, mixed_precision="bf16" if bf16 else "no",
+                      kwargs_handlers=[DistributedDataParallelKwargs(
+                          find_unused_parameters=bool(method.find_unused_parameters))])
+    is_main = acc.is_main_process
+
+    if not data.train:
+        raise PrunetuneError("the training set is empty")
+    world = acc.num_processes
+    global_bs = cfg.batch_size * cfg.grad_accum * world
+    if len(data.train) < global_bs:
+        raise PrunetuneError(
+            f"training set has {len(data.train)} examples, fewer than one global batch of {global_bs} "
+            f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes)"
+        )
+
+    parts = {
+        "train": _hash({k: v for k, v in asdict(cfg).items() if k not in _NON_SEMANTIC}),
+        "method": _hash(method.fingerprint()),
+        "model": model_fingerprint(model),
+        "data": data.fingerprint() if hasattr(data, "fingerprint") else _hash([data.train, data.eval]),
+    }
+    fingerprint = _hash(parts)
+
+    ckpts = _checkpoints(out_dir)
+    if ckpts and not resume:
+        raise PrunetuneError(f"{out_dir} already holds checkpoints of a run; resume it or choose an empty directory")
+    state = None
+    if resume and ckpts:
+        state = json.loads((ckpts[-1] / "state.json").read_text())
+        if state.get("fingerprint") != fingerprint:
+            differ = [k for k in parts if state.get("fingerprint_parts", {}).get(k) != parts[k]]
+            raise PrunetuneError(
+                f"cannot resume from {ckpts[-1]}: it belongs to a different run "
+                f"(differs in: {', '.join(differ) or 'fingerprint'})"
+            )
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = method.prepare(model)
+    model.train()
+    if state is not None:
+        method.load_adapters(model, ckpts[-1] / "adapters")
+    params = method.trainable_parameters(model)
+    if not params:
+        raise PrunetuneError(f"method '{method.name}' left no trainable parameter")
+    model = acc.prepare(model)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    runner = _Runner(acc, model, method, data, cfg, out_dir, tokenizer.pad_token_id
+                     if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * runner.steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.schedule, cfg.warmup_steps, total))
+
+    torch.manual_seed(cfg.seed + acc.process_index)
+    random.seed(cfg.seed + acc.process_index)
+    start, history = 0, []
+    if state is not None:
+        d = ckpts[-1]
+        opt.load_state_dict(torch.load(d / "optimizer.pt", map_location=acc.device, weights_only=False))
+        sched.load_state_dict(torch.load(d / "scheduler.pt", weights_only=False))
+        rng_file = d / f"rng-{acc.process_index}.pt"
+        if rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            log.warning("checkpoint has no RNG state for process %d; continuing with a fresh seed", acc.process_index)
+        start, history = state["step"], state["history"]
+        log.info("resuming from %s (step %d of %d)", d, start, total)
+
+    def save_checkpoint(step: int) -> None:
+        ck = out_dir / "checkpoints"
+        tmp = ck / f".tmp-step-{step:06d}"
+        final = ck / f"step-{step:06d}"
+        acc.wait_for_everyone()
+        if is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng-{acc.process_index}.pt")
+        acc.wait_for_everyone()
+        if is_main:
+            method.save_adapters(acc.unwrap_model(model), tmp / "adapters")
+            torch.save(opt.state_dict(), tmp / "optimizer.pt")
+            torch.save(sched.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps(
+                {"step": step, "total_steps": total, "fingerprint": fingerprint, "fingerprint_parts": parts,
+                 "history": history}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in _checkpoints(out_dir)[:-max(1, cfg.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    bar = tqdm(total=total, initial=start, disable=not (is_main and cfg.progress), desc=f"tune {method.name}",
+               dynamic_ncols=True)
+    t_start = time.perf_counter()
+    stopped = False
+    eval_loss = None
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        unwrapped = acc.unwrap_model(model)
+        method.on_step_begin(unwrapped, step, total)
+        batch = runner.global_batch(step)
+        n_label = _label_tokens(batch)
+        n_tokens = sum(len(e["input_ids"]) for e in batch)
+        micro = runner.my_micro_batches(batch)
+        nll_local = torch.zeros((), dtype=torch.float64, device=acc.device)
+        extra_logs: dict = {}
+        for a, mb in enumerate(micro):
+            b = {k: v.to(acc.device) for k, v in collate(mb, runner.pad_id).items()}
+            last = a == len(micro) - 1
+            ctx = acc.no_sync(model) if not last else _nullcontext()
+            with ctx:
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                nll = _nll_sum(logits, b["labels"])
+                loss = nll * (world / max(1, n_label))
+                if last:
+                    extra, extra_logs = method.extra_loss(unwrapped, step, total)
+                    if extra is not None:
+                        loss = loss + extra
+                acc.backward(loss)
+            nll_local += nll.detach().double()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        method.on_step_end(unwrapped, step + 1, total)
+        nll_all = acc.reduce(nll_local, "sum")
+        dt = time.perf_counter() - t0
+        rec = {"step": step + 1, "loss": float(nll_all) / max(1, n_label), "lr": lr, "tokens_per_s": n_tokens / dt}
+        rec.update({k: float(v) for k, v in (extra_logs or {}).items()})
+        done = step + 1
+        if cfg.eval_every is not None and data.eval and (
+            (cfg.eval_every and done % cfg.eval_every == 0) or done == total
+        ):
+            eval_loss = runner.evaluate()
+            rec["eval_loss"] = eval_loss
+        history.append(rec)
+        if is_main and cfg.progress:
+            post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
+            post.update({k: f"{v:.4g}" for k, v in rec.items() if k not in ("step", "loss", "tokens_per_s", "lr")})
+            bar.set_postfix(post, refresh=False)
+        bar.update(1)
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total:
+            save_checkpoint(done)
+        if cfg.stop_at_step is not None and done >= cfg.stop_at_step and done < total:
+            stopped = True
+            break
+    bar.close()
+
+    final_model = acc.unwrap_model(model)
+    final_model.eval()
+    result = {"history": history, "steps": history[-1]["step"] if history else start, "total_steps": total,
+              "eval_loss": eval_loss, "fingerprint": fingerprint, "stopped": stopped,
+              "wall_s": time.perf_counter() - t_start, "world_size": world, "global_batch": global_bs}
+    acc.wait_for_everyone()
+    if is_main and not stopped:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        method.save_adapters(final_model, out_dir / "adapters")
+        (out_dir / "train_log.json").write_text(json.dumps(result, indent=1))
+    acc.wait_for_everyone()
+    result["model"] = final_model
+    return result
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
