@@ -12,7 +12,7 @@ from .evaluate.perplexity import perplexity
 from .io import load_model
 from .manifest import measure, versions, machine, write_json_atomic
 
-__all__ = ["load_model", "perplexity", "evaluate", "prune"]
+__all__ = ["load_model", "perplexity", "evaluate", "prune", "tune", "merge"]
 
 
 def _device(device: str | None) -> str:
@@ -61,6 +61,20 @@ def prune(*args, **kwargs):
     from .prune.api import prune as _prune
 
     return _prune(*args, **kwargs)
+
+
+def tune(*args, **kwargs):
+    """Fine-tune a model (spp | lora | lora-masked | pat); see :func:`prunetune.tune.api.tune`."""
+    from .tune.api import tune as _tune
+
+    return _tune(*args, **kwargs)
+
+
+def merge(*args, **kwargs):
+    """Merge the adapters of a ``tune`` output into a plain checkpoint; see :func:`prunetune.tune.api.merge`."""
+    from .tune.api import merge as _merge
+
+    return _merge(*args, **kwargs)
 
 
 def demo(methods=("magnitude", "wanda", "sparsegpt", "apt"), sparsities=("0.5", "2:4"), *, nsamples: int = 32,

@@ -1,0 +1,738 @@
+"""Speed and memory of one or more models, measured side by side with a stated protocol.
+
+Every model is loaded first; then each repetition runs every cell (prefill at each batch size and sequence
+length, decode at batch 1 and the largest batch) for every model in turn, so slow drift of the machine (heat,
+other processes) hits all models alike. Warm-up repetitions are run the same way and discarded. Reported per
+cell: median, min and max over the repetitions, and the ratio of each model's median to the first model's.
+
+Prefill: one forward pass over ``batch x seq_len`` random token ids (seed 0), ``use_cache=False``, logits of
+the last position only (``logits_to_keep=1``) where the model supports it. Decode: greedy ``generate()`` with
+the KV cache, a prompt of ``min(seq_lens)`` random tokens and exactly ``decode_tokens`` new tokens (EOS is
+suppressed); decode tokens/s = ``batch x (decode_tokens - 1) / t``, with ``t`` the time from the logits of
+the first new token (the end of the prompt's prefill) to the end of generation.
+
+Memory: on CUDA, the bytes the allocator holds for the model's weights plus the peak extra allocation during
+its runs. On CPU, the peak resident memory (VmHWM) of a fresh process that loads the model and runs its
+largest prefill cell and the largest-batch decode, minus that process's resident memory before loading.
+
+With ``sparse_2to4=True`` on a CUDA GPU (fp16/bf16), each model whose linears follow a 2:4 pattern is also run
+with those linears converted by ``torch.sparse.to_sparse_semi_structured`` and compared with the same model
+dense, per linear shape (micro-benchmark) and end to end. Ratios below 1 (sparse slower) are reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import PrunetuneError
+from ..io import load_model, parse_dtype, resolve_model
+from ..manifest import machine, measure, versions, write_json_atomic
+from .perplexity import max_positions
+
+log = logging.getLogger("prunetune")
+
+SPARSE_LABEL = "2:4 sparse kernels"
+_MICRO_ITERS = 20
+
+PROTOCOL_TEXT = {
+    "prefill": "one forward pass over batch x seq_len random token ids (seed 0), use_cache=False, under "
+               "torch.inference_mode; logits of the last position only (logits_to_keep=1) where supported; "
+               "latency is wall time including device synchronisation",
+    "decode": "greedy generate() with KV cache; prompt of prompt_len random tokens; exactly new_tokens new "
+              "tokens (EOS suppressed); decode tokens/s = batch x (new_tokens - 1) / time from the first new "
+              "token's logits to the end of generation; ttft_s = prompt prefill time",
+    "order": "all models loaded first; for each repetition, for each cell, every model in turn (interleaved)",
+    "statistics": "median, min, max over the repetitions; warm-up repetitions run the same way and discarded",
+    "ratios": "ratio_to_first = this model's median / the first model's median (tokens/s > 1: faster; "
+              "latency < 1: faster)",
+}
+MEMORY_TEXT = {
+    "cuda": "CUDA allocator: bytes allocated by loading the model (weights_mb) + the peak extra allocation "
+            "during its runs (peak_run_extra_mb); peak_mb is their sum",
+    "cpu": "peak resident memory (VmHWM) of a fresh process that loads the model and runs its largest prefill "
+           "cell and the largest-batch decode, minus the resident memory of that process after importing torch "
+           "and transformers (before loading); weights_mb = parameter + buffer bytes",
+}
+
+
+# --- small helpers -------------------------------------------------------------------------------
+def _resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(device)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PrunetuneError(f"device '{device}' is not available on this machine (no CUDA GPU)")
+        idx = device.partition(":")[2]
+        if idx and (not idx.isdigit() or int(idx) >= torch.cuda.device_count()):
+            raise PrunetuneError(f"device '{device}' does not exist ({torch.cuda.device_count()} CUDA GPU(s) here)")
+        return device
+    if device != "cpu":
+        raise PrunetuneError(f"unknown device '{device}' (use cpu, cuda or cuda:N)")
+    return device
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
+            "values": list(values)}
+
+
+def _check_ints(name: str, values, minimum: int) -> tuple[int, ...]:
+    if isinstance(values, int):
+        values = (values,)
+    try:
+        out = tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        raise PrunetuneError(f"{name} must be integers (got {values!r})") from None
+    if not out:
+        raise PrunetuneError(f"{name} must not be empty")
+    bad = [v for v in out if v < minimum]
+    if bad:
+        raise PrunetuneError(f"{name} must be at least {minimum} (got {bad[0]})")
+    return out
+
+
+def decoder_linears(model) -> list[tuple[str, torch.nn.Linear]]:
+    """Every nn.Linear except the output embedding (LM head), which pruning leaves dense."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+
+
+def is_2to4(weight: torch.Tensor) -> bool:
+    """At most 2 non-zeros in every group of 4 consecutive input weights (the layout the kernels use)."""
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        return False
+    groups = (weight.detach() != 0).reshape(weight.shape[0], -1, 4).sum(-1)
+    return bool(groups.max() <= 2)
+
+
+def linear_sparsity(model) -> dict:
+    lins = decoder_linears(model)
+    total = sum(m.weight.numel() for _, m in lins)
+    zeros = sum(int((m.weight.detach() == 0).sum()) for _, m in lins)
+    n24 = sum(is_2to4(m.weight) for _, m in lins)
+    return {"linears": len(lins), "params": total, "zeros": zeros, "sparsity": zeros / total if total else 0.0,
+            "linears_2to4": n24}
+
+
+def _unique_tensor_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.data_ptr(), t.numel()) if t.layout == torch.strided else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    from ..manifest import peak_rss_mb
+
+    return peak_rss_mb()
+
+
+# --- the timed operations ------------------------------------------------------------------------
+def _allocated(device: str) -> int:
+    """Bytes held by the CUDA allocator on ``device`` (0 elsewhere)."""
+    if not device.startswith("cuda"):
+        return 0
+    torch.cuda.synchronize(torch.device(device))
+    return torch.cuda.memory_allocated(torch.device(device))
+
+
+def _syncer(device: str):
+    if device.startswith("cuda"):
+        dev = torch.device(device)
+        return lambda: torch.cuda.synchronize(dev)
+    return lambda: None
+
+
+def _forward_kwargs(model) -> tuple[dict, str]:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "logits_to_keep" in params:
+        return {"logits_to_keep": 1}, "last position only (logits_to_keep=1)"
+    return {}, "all positions (the model has no logits_to_keep)"
+
+
+def prefill_once(model, ids: torch.Tensor, kwargs: dict, sync) -> float:
+    with torch.inference_mode():
+        sync()
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False, **kwargs)
+        sync()
+        return time.perf_counter() - t0
+
+
+def decode_once(model, ids: torch.Tensor, new_tokens: int, sync) -> tuple[float, float]:
+    """Greedy generation of exactly ``new_tokens``; returns (decode seconds after the first token, ttft seconds)."""
+    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+    class _Clock(LogitsProcessor):
+        first = None
+
+        def __call__(self, input_ids, scores):
+            if self.first is None:
+                sync()
+                self.first = time.perf_counter()
+            return scores
+
+    clock = _Clock()
+    cfg = model.config
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or getattr(cfg, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = list(eos)
+    pad = getattr(cfg, "pad_token_id", None)
+    if pad is None:
+        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    gcfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                            use_cache=True, eos_token_id=eos, pad_token_id=pad)
+    with torch.inference_mode():
+        sync()
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gcfg,
+                             logits_processor=LogitsProcessorList([clock]))
+        sync()
+        t1 = time.perf_counter()
+    produced = out.shape[1] - ids.shape[1]
+    if produced != new_tokens:
+        raise RuntimeError(f"generate() produced {produced} tokens instead of {new_tokens}")
+    return t1 - clock.first, clock.first - t0
+
+
+# --- memory on CPU: a fresh process per model ---------------------------------------------------
+def _import_model_code(spec: str) -> None:
+    """Import the modelling code of ``spec`` (building it on the meta device) without loading weights."""
+    import transformers  # noqa: F401
+
+    src = resolve_model(spec)
+    if src.kind != "local":
+        return
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.from_pretrained(src.path)
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(cfg)
+    except Exception:  # noqa: BLE001  best effort: the real load below reports real problems
+        pass
+
+
+def _memory_probe(cfg: dict) -> dict:
+    """Run inside a fresh process: RSS before loading, after loading, and the peak over the largest cells."""
+    torch.set_num_threads(int(cfg["threads"]))
+    _import_model_code(cfg["spec"])  # library code is not the model's memory: import it before the baseline
+    base = _rss_mb()
+    hwm_reset = _reset_peak_rss()
+    model, _, _ = load_model(cfg["spec"], dtype=cfg["dtype"], device="cpu", tokenizer=False)
+    kwargs, _ = _forward_kwargs(model)
+    g = torch.Generator().manual_seed(0)
+    vocab = int(cfg["vocab"])
+    ids = torch.randint(3, vocab, (cfg["batch_size"], cfg["seq_len"]), generator=g)
+    prefill_once(model, ids, kwargs, lambda: None)
+    ids = torch.randint(3, vocab, (cfg["decode_batch"], cfg["prompt_len"]), generator=g)
+    decode_once(model, ids, cfg["decode_tokens"], lambda: None)
+    peak = _peak_rss_mb()
+    return {"baseline_rss_mb": round(base, 1), "peak_mb": round(peak - base, 1), "peak_source": "VmHWM after reset" if hwm_reset else "ru_maxrss"}
+
+
+def _run_memory_probe(cfg: dict, timeout: float = 1800) -> dict:
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "prunetune.evaluate.speed", "--memory-probe", json.dumps(cfg)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"memory probe timed out after {timeout:.0f}s"}
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"memory probe failed: {tail}"}
+    return json.loads(lines[-1])
+
+
+# --- 2:4 semi-structured kernels -----------------------------------------------------------------
+def _check_sparse_support(device: str, dtype: torch.dtype) -> None:
+    if not device.startswith("cuda"):
+        raise PrunetuneError("semi-structured sparse kernels need a CUDA GPU (--sparse-2to4 cannot run on the CPU)")
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise PrunetuneError("semi-structured sparse kernels need --dtype float16 or bfloat16 "
+                             f"(got {str(dtype).replace('torch.', '')})")
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    if major < 8:
+        raise PrunetuneError(f"semi-structured sparse kernels need an Ampere or newer GPU (compute capability 8.0+, "
+                             f"this one is {major}.{minor})")
+
+
+def _to_semi_structured(weight: torch.Tensor) -> torch.Tensor:
+    from torch.sparse import to_sparse_semi_structured
+
+    return to_sparse_semi_structured(weight.detach().contiguous())
+
+
+def _sparse_copy(model) -> tuple[torch.nn.Module, list[str], dict[str, str]]:
+    """A copy of ``model`` whose valid 2:4 linears hold semi-structured sparse weights."""
+    sm = copy.deepcopy(model)
+    converted, skipped = [], {}
+    for name, lin in decoder_linears(sm):
+        if not is_2to4(lin.weight):
+            skipped[name] = "not 2:4"
+            continue
+        try:
+            lin.weight = torch.nn.Parameter(_to_semi_structured(lin.weight), requires_grad=False)
+        except (RuntimeError, ValueError, NotImplementedError) as e:
+            skipped[name] = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            continue
+        converted.append(name)
+    return sm, converted, skipped
+
+
+def _time_linear(x, w, sync) -> float:
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(_MICRO_ITERS):
+        F.linear(x, w)
+    sync()
+    return (time.perf_counter() - t0) / _MICRO_ITERS
+
+
+def _micro_bench(model, converted: list[str], token_counts: list[int], repeats: int, warmup: int, device: str,
+                 sync) -> list[dict]:
+    """Each distinct shape of the converted linears: dense F.linear vs semi-structured, interleaved."""
+    mods = dict(model.named_modules())
+    shapes: dict[tuple, torch.Tensor] = {}
+    for name in converted:
+        w = mods[name].weight
+        shapes.setdefault(tuple(w.shape), w.detach())
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.inference_mode():
+        for shape, w in shapes.items():
+            try:
+                ws = _to_semi_structured(w)
+            except (RuntimeError, ValueError, NotImplementedError) as e:
+                rows.append({"shape": list(shape), "error": str(e).strip().splitlines()[0]})
+                continue
+            for tokens in token_counts:
+                x = torch.randn(tokens, shape[1], dtype=w.dtype, device=device, generator=g)
+                try:
+                    ref, got = F.linear(x, w), F.linear(x, ws)
+                    err = float((ref - got).abs().max() / ref.abs().max().clamp_min(1e-6))
+                    dense_t, sparse_t = [], []
+                    for r in range(warmup + repeats):
+                        td, tsp = _time_linear(x, w, sync), _time_linear(x, ws, sync)
+                        if r >= warmup:
+                            dense_t.append(td)
+                            sparse_t.append(tsp)
+                except RuntimeError as e:
+                    rows.append({"shape": list(shape), "tokens": tokens, "error": str(e).strip().splitlines()[0]})
+                    continue
+                dmed, smed = statistics.median(dense_t), statistics.median(sparse_t)
+                rows.append({"shape": list(shape), "tokens": tokens, "dense_ms": _stats([t * 1e3 for t in dense_t]),
+                             "sparse_ms": _stats([t * 1e3 for t in sparse_t]), "speedup": dmed / smed,
+                             "verdict": "faster" if dmed > smed else "slower", "max_rel_diff": err})
+    return rows
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+def _labels(models: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for m in models:
+        seen[m] = seen.get(m, 0) + 1
+        out.append(m if seen[m] == 1 else f"{m} #{seen[m]}")
+    return out
+
+
+def _oom_error(label: str, what: str) -> PrunetuneError:
+    return PrunetuneError(f"out of GPU memory running '{label}' ({what}); use smaller --batch-sizes / --seq-lens")
+
+
+def bench(models: list[str], *, batch_sizes=(1, 8, 32), seq_lens=(128,), decode_tokens: int = 32, repeats: int = 5,
+          warmup: int = 1, dtype: str = "float32", device: str | None = None, sparse_2to4: bool = False,
+          out: str | Path | None = None, threads: int | None = None, progress: bool = True,
+          memory_probe: bool = True) -> dict:
+    """Prefill and decode speed, memory, size and sparsity of ``models``, measured interleaved.
+
+    Returns one result dict with its manifest (``manifest.command == "bench"``); written atomically to ``out``
+    when given. ``threads`` sets torch's CPU threads for the run (default: as is; on a shared machine fewer
+    threads than cores avoids oversubscription). ``memory_probe=False`` skips the per-model subprocess on CPU (memory is then only the weight
+    bytes). See the module docstring for the protocol."""
+    if isinstance(models, (str, os.PathLike)):
+        models = [str(models)]
+    models = [str(m) for m in models]
+    if not models:
+        raise PrunetuneError("give at least one model to benchmark")
+    batch_sizes = _check_ints("batch sizes", batch_sizes, 1)
+    seq_lens = _check_ints("sequence lengths", seq_lens, 1)
+    decode_tokens = _check_ints("decode tokens", decode_tokens, 2)[0]
+    repeats = _check_ints("repeats", repeats, 1)[0]
+    warmup = _check_ints("warm-up", warmup, 0)[0]
+    device = _resolve_device(device)
+    torch_dtype = parse_dtype(dtype)
+    if sparse_2to4:
+        _check_sparse_support(device, torch_dtype)
+    if threads is not None:
+        threads = _check_ints("threads", threads, 1)[0]
+    for m in models:
+        resolve_model(m)  # clear errors for bad paths before anything is loaded
+
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _bench(models, batch_sizes, seq_lens, decode_tokens, repeats, warmup, dtype, torch_dtype, device,
+                      sparse_2to4, out, progress, memory_probe)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _bench(models, batch_sizes, seq_lens, decode_tokens, repeats, warmup, dtype, torch_dtype, device, sparse_2to4,
+           out, progress, memory_probe) -> dict:
+    sync = _syncer(device)
+    cuda = device.startswith("cuda")
+    prompt_len = min(seq_lens)
+    decode_batches = sorted({1, max(batch_sizes)})
+    t_start = time.time()
+    with measure() as meas:
+        entries = []
+        for label, spec in zip(_labels(models), models):
+            before = _allocated(device)
+            try:
+                model, _, info = load_model(spec, dtype=dtype, device=device, tokenizer=False)
+            except torch.cuda.OutOfMemoryError:
+                raise PrunetuneError(f"model '{spec}' does not fit in the memory of {device}") from None
+            except RuntimeError as e:
+                raise PrunetuneError(f"model '{spec}' cannot run on {device}: {str(e).strip().splitlines()[0]}") from None
+            src = resolve_model(spec)
+            limit = max_positions(model.config)
+            if limit is not None and (max(seq_lens) > limit or prompt_len + decode_tokens > limit):
+                raise PrunetuneError(f"model '{spec}' allows {limit} positions; sequence length {max(seq_lens)} "
+                                     f"(or prompt {prompt_len} + {decode_tokens} new tokens) is too long")
+            kwargs, logits_note = _forward_kwargs(model)
+            entry = {
+                "label": label, "spec": spec, "model": model, "kwargs": kwargs, "variant": "dense", "base": label,
+                "info": info, "logits": logits_note,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "size_on_disk_bytes": sum(os.path.getsize(f) for f in src.weight_files) if src.weight_files else None,
+                "sparsity": linear_sparsity(model),
+                "weights_mb": _unique_tensor_bytes(model) / 2**20,
+                "vocab": int(model.get_input_embeddings().weight.shape[0]),
+            }
+            if cuda:
+                entry["weights_mb"] = (_allocated(device) - before) / 2**20
+            entries.append(entry)
+
+        sparse_info: dict = {}
+        if sparse_2to4:
+            for e in list(entries):
+                sp = e["sparsity"]
+                if sp["linears_2to4"] == 0:
+                    sparse_info[e["label"]] = {"converted": 0, "note": "no linear follows a 2:4 pattern"}
+                    continue
+                before = _allocated(device)
+                try:
+                    sm, converted, skipped = _sparse_copy(e["model"])
+                except torch.cuda.OutOfMemoryError:
+                    sparse_info[e["label"]] = {"converted": 0, "error": "out of GPU memory copying the model"}
+                    continue
+                sparse_weights_mb = (_allocated(device) - before) / 2**20 if cuda else _unique_tensor_bytes(sm) / 2**20
+                sparse_info[e["label"]] = {"converted": len(converted), "not_converted": skipped}
+                if not converted:
+                    continue
+                entries.append({**e, "label": f"{e['label']} [{SPARSE_LABEL}]", "model": sm, "variant": SPARSE_LABEL,
+                                "base": e["label"], "converted": converted,
+                                "weights_mb": sparse_weights_mb})
+
+        vocab = min(e["vocab"] for e in entries)
+        gen = torch.Generator().manual_seed(0)
+        inputs = {}
+        cells = []
+        for sl in seq_lens:
+            for bs in batch_sizes:
+                cells.append(("prefill", bs, sl))
+                inputs[("prefill", bs, sl)] = torch.randint(3, vocab, (bs, sl), generator=gen).to(device)
+        for bs in decode_batches:
+            cells.append(("decode", bs, prompt_len))
+            inputs[("decode", bs, prompt_len)] = torch.randint(3, vocab, (bs, prompt_len), generator=gen).to(device)
+
+        times: dict[tuple, list] = {(e["label"], c): [] for e in entries for c in cells}
+        ttft: dict[tuple, list] = {(e["label"], c): [] for e in entries for c in cells if c[0] == "decode"}
+        peak_extra = {e["label"]: 0.0 for e in entries}
+        failed: dict[str, str] = {}
+        bar = tqdm(total=(warmup + repeats) * len(cells) * len(entries), desc="bench", unit="run",
+                   disable=not progress, leave=False)
+        for rep in range(warmup + repeats):
+            for cell in cells:
+                for e in entries:
+                    bar.update(1)
+                    if e["label"] in failed:
+                        continue
+                    kind, bs, sl = cell
+                    if cuda:
+                        torch.cuda.synchronize(torch.device(device))
+                        torch.cuda.reset_peak_memory_stats(torch.device(device))
+                        base = torch.cuda.memory_allocated(torch.device(device))
+                    try:
+                        if kind == "prefill":
+                            t = prefill_once(e["model"], inputs[cell], e["kwargs"], sync)
+                        else:
+                            t, t_first = decode_once(e["model"], inputs[cell], decode_tokens, sync)
+                    except torch.cuda.OutOfMemoryError:
+                        if e["variant"] == "dense":
+                            raise _oom_error(e["label"], f"{kind}, batch {bs} x {sl} tokens") from None
+                        failed[e["label"]] = "out of GPU memory"
+                        continue
+                    except (RuntimeError, NotImplementedError, TypeError, ValueError) as err:
+                        if e["variant"] == "dense":
+                            raise
+                        failed[e["label"]] = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                        continue
+                    if cuda:
+                        peak_extra[e["label"]] = max(peak_extra[e["label"]],
+                                                     (torch.cuda.max_memory_allocated(torch.device(device)) - base) / 2**20)
+                    if rep >= warmup:
+                        times[(e["label"], cell)].append(t)
+                        if kind == "decode":
+                            ttft[(e["label"], cell)].append(t_first)
+                    bar.set_postfix(model=e["label"][-24:], cell=f"{kind} {bs}x{sl}")
+        bar.close()
+
+        # memory -----------------------------------------------------------------------------------
+        memory = {}
+        for e in entries:
+            if cuda:
+                memory[e["label"]] = {"weights_mb": round(e["weights_mb"], 1),
+                                      "peak_run_extra_mb": round(peak_extra[e["label"]], 1),
+                                      "peak_mb": round(e["weights_mb"] + peak_extra[e["label"]], 1)}
+            elif memory_probe and e["variant"] == "dense":
+                probe = _run_memory_probe({"spec": e["spec"], "dtype": dtype, "threads": torch.get_num_threads(),
+                                           "batch_size": max(batch_sizes), "seq_len": max(seq_lens), "vocab": vocab,
+                                           "decode_batch": max(decode_batches), "prompt_len": prompt_len,
+                                           "decode_tokens": decode_tokens})
+                memory[e["label"]] = {"weights_mb": round(e["weights_mb"], 1), **probe}
+            else:
+                memory[e["label"]] = {"weights_mb": round(e["weights_mb"], 1), "peak_mb": None,
+                                      "note": "no memory probe run (weights only)"}
+
+    # results ---------------------------------------------------------------------------------------
+    first = entries[0]["label"]
+
+    def ratio(a, b):
+        return a / b if a is not None and b not in (None, 0) else None
+
+    prefill_rows, decode_rows = [], []
+    for cell in cells:
+        kind, bs, sl = cell
+        base_times = times[(first, cell)]
+        for e in entries:
+            ts = times[(e["label"], cell)]
+            if not ts:
+                continue
+            if kind == "prefill":
+                tps = [bs * sl / t for t in ts]
+                row = {"model": e["label"], "batch_size": bs, "seq_len": sl, "latency_s": _stats(ts),
+                       "tokens_per_s": _stats(tps)}
+                rows = prefill_rows
+            else:
+                tps = [bs * (decode_tokens - 1) / t for t in ts]
+                row = {"model": e["label"], "batch_size": bs, "prompt_len": sl, "new_tokens": decode_tokens,
+                       "decode_s": _stats(ts), "tokens_per_s": _stats(tps),
+                       "ms_per_token": statistics.median(ts) / (decode_tokens - 1) * 1e3,
+                       "ttft_s": _stats(ttft[(e["label"], cell)])}
+                rows = decode_rows
+            if base_times:
+                bt = statistics.median(base_times)
+                btps = statistics.median([bs * (sl if kind == "prefill" else decode_tokens - 1) / t for t in base_times])
+                row["ratio_to_first"] = {"tokens_per_s": statistics.median(tps) / btps,
+                                         "latency_s": statistics.median(ts) / bt}
+            else:
+                row["ratio_to_first"] = None
+            rows.append(row)
+
+    first_e = entries[0]
+    model_rows = []
+    for e in entries:
+        sp = e["sparsity"]
+        mem = memory[e["label"]]
+        model_rows.append({
+            "model": e["label"], "spec": e["spec"], "variant": e["variant"], "parameters": e["parameters"],
+            "size_on_disk_bytes": e["size_on_disk_bytes"], "linear_sparsity": sp["sparsity"],
+            "linears": sp["linears"], "linears_2to4": sp["linears_2to4"], "logits": e["logits"], "memory": mem,
+            "failed": failed.get(e["label"]),
+            "ratio_to_first": {
+                "parameters": ratio(e["parameters"], first_e["parameters"]),
+                "size_on_disk": ratio(e["size_on_disk_bytes"], first_e["size_on_disk_bytes"]),
+                "peak_mb": ratio(mem.get("peak_mb"), memory[first].get("peak_mb")),
+            },
+        })
+
+    result = {"models": model_rows, "prefill": prefill_rows, "decode": decode_rows}
+    if sparse_2to4:
+        result["sparse_2to4"] = _sparse_summary(entries, sparse_info, failed, times, cells, decode_tokens,
+                                                batch_sizes, seq_lens, repeats, warmup, device, sync)
+    result["manifest"] = {
+        "tool": "prunetune", "command": "bench",
+        "models": [{"label": e["label"], **e["info"]} for e in entries if e["variant"] == "dense"],
+        "device": device, "device_name": _device_name(device), "torch_threads": torch.get_num_threads(),
+        "protocol": {"batch_sizes": list(batch_sizes), "seq_lens": list(seq_lens), "decode_tokens": decode_tokens,
+                     "decode_batch_sizes": decode_batches, "prompt_len": prompt_len, "repeats": repeats,
+                     "warmup": warmup, "dtype": str(torch_dtype).replace("torch.", ""), "sparse_2to4": sparse_2to4,
+                     "memory": MEMORY_TEXT["cuda" if cuda else "cpu"] if (cuda or memory_probe) else
+                     "weights only (memory probe disabled)", **PROTOCOL_TEXT},
+        "versions": versions(), "machine": machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)),
+        **meas.as_dict(),
+    }
+    if cuda:
+        result["manifest"]["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    if out is not None:
+        write_json_atomic(out, result)
+    return result
+
+
+def _sparse_summary(entries, sparse_info, failed, times, cells, decode_tokens, batch_sizes, seq_lens, repeats,
+                    warmup, device, sync) -> dict:
+    """Per-linear and end-to-end ratios of each 2:4 model with semi-structured kernels vs itself dense."""
+    by_label = {e["label"]: e for e in entries}
+    out = {"kernel": "torch.sparse.to_sparse_semi_structured",
+           "backend": "cuSPARSELt" if getattr(torch.backends, "cusparselt", None) is not None
+           and torch.backends.cusparselt.is_available() else "CUTLASS",
+           "speedup": "dense median time / sparse median time (> 1: the sparse kernels are faster, < 1: slower)",
+           "models": {}}
+    for e in entries:
+        if e["variant"] != SPARSE_LABEL:
+            continue
+        dense = by_label[e["base"]]
+        rec = dict(sparse_info.get(e["base"], {}))
+        if e["label"] in failed:
+            rec["end_to_end_error"] = failed[e["label"]]
+        e2e = []
+        for cell in cells:
+            kind, bs, sl = cell
+            td, tsp = times[(dense["label"], cell)], times[(e["label"], cell)]
+            if not td or not tsp:
+                continue
+            sp = statistics.median(td) / statistics.median(tsp)
+            e2e.append({"kind": kind, "batch_size": bs, "seq_len": sl, "dense_s": statistics.median(td),
+                        "sparse_s": statistics.median(tsp), "speedup": sp, "verdict": "faster" if sp > 1 else "slower"})
+        rec["end_to_end"] = e2e
+        tokens = sorted({max(batch_sizes) * max(seq_lens), max(batch_sizes)}, reverse=True)
+        rec["per_linear"] = _micro_bench(dense["model"], e["converted"], tokens, repeats, max(warmup, 1), device, sync)
+        out["models"][e["base"]] = rec
+    for label, info in sparse_info.items():
+        out["models"].setdefault(label, info)
+    return out
+
+
+def _span(st: dict) -> str:
+    return f"{st['median']:.1f} [{st['min']:.1f}-{st['max']:.1f}]"
+
+
+def summary_table(result: dict) -> str:
+    """A plain-text summary of a bench result (what the CLI prints)."""
+    man = result["manifest"]
+    prot = man["protocol"]
+    lines = [f"{man['device_name']} ({man['device']}), {man['torch_threads']} threads, {prot['dtype']}, "
+             f"{prot['repeats']} repeats after {prot['warmup']} warm-up, interleaved; median [min-max], x first model"]
+    labels = [m["model"] for m in result["models"]]
+    short = {l: Path(l.split(" [")[0]).name + (" [" + l.split(" [", 1)[1] if " [" in l else "") for l in labels}
+    if len(set(short.values())) != len(set(labels)):
+        short = {l: l for l in labels}
+    lines.append(f"{'model':<40}{'params':>13}{'disk MiB':>10}{'sparsity':>10}{'peak MiB':>10}")
+    for m in result["models"]:
+        size = m["size_on_disk_bytes"]
+        peak = (m.get("memory") or {}).get("peak_mb")
+        lines.append(f"{short[m['model']][-40:]:<40}{m['parameters']:>13,}{size / 2**20 if size else float('nan'):>10.1f}"
+                     f"{m['linear_sparsity']:>10.4f}{peak if peak is not None else float('nan'):>10.1f}")
+    lines.append(f"{'prefill':<40}{'batch':>6}{'seq':>6}{'ms':>10}{'tokens/s':>26}{'x first':>9}")
+    for r in result["prefill"]:
+        st = r["tokens_per_s"]
+        ratio = (r.get("ratio_to_first") or {}).get("tokens_per_s")
+        lines.append(f"{short.get(r['model'], r['model'])[-40:]:<40}{r['batch_size']:>6}{r['seq_len']:>6}{r['latency_s']['median'] * 1e3:>10.2f}"
+                     f"{_span(st):>26}"
+                     f"{ratio if ratio is not None else float('nan'):>9.3f}")
+    lines.append(f"{'decode':<40}{'batch':>6}{'new':>6}{'ms/tok':>10}{'tokens/s':>26}{'x first':>9}")
+    for r in result["decode"]:
+        st = r["tokens_per_s"]
+        ratio = (r.get("ratio_to_first") or {}).get("tokens_per_s")
+        lines.append(f"{short.get(r['model'], r['model'])[-40:]:<40}{r['batch_size']:>6}{r['new_tokens']:>6}{r['ms_per_token']:>10.2f}"
+                     f"{_span(st):>26}"
+                     f"{ratio if ratio is not None else float('nan'):>9.3f}")
+    for label, rec in (result.get("sparse_2to4") or {}).get("models", {}).items():
+        for x in rec.get("end_to_end", []):
+            lines.append(f"2:4 kernels {label[-30:]} {x['kind']} batch {x['batch_size']}: x{x['speedup']:.3f} "
+                         f"({x['verdict']} than dense)")
+        if rec.get("note") or rec.get("error") or rec.get("end_to_end_error"):
+            lines.append(f"2:4 kernels {label[-30:]}: {rec.get('note') or rec.get('error') or rec.get('end_to_end_error')}")
+    return "\n".join(lines)
+
+
+def _main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="internal: memory probe of one model in a fresh process")
+    ap.add_argument("--memory-probe", required=True, help="JSON settings")
+    a = ap.parse_args(argv)
+    res = _memory_probe(json.loads(a.memory_probe))
+    print(json.dumps(res), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

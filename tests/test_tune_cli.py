@@ -1,0 +1,285 @@
+"""`prunetune tune` / `prunetune merge` end to end (stories260K on CPU, a few steps each).
+
+Real subprocesses for what needs a process (the end-to-end runs, SIGKILL + --resume); the bad-input cases
+call the same ``cli.main`` in-process (each one is parsed, run and reported exactly as on the command line;
+two of them also through a subprocess), which keeps the file fast on a shared machine.
+"""
+
+import json
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import assert_clean_error, run_cli, save_tiny
+from prunetune import cli
+from prunetune.errors import PrunetuneError
+from prunetune.paths import DEFAULT_MODEL
+
+ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+#: the shared Alpaca file; the Alpaca template alone is ~100 stories260K tokens, so 192 leaves room for a response
+COMMON = ["--data", "alpaca", "--max-records", "48", "--seq-len", "192", "--batch-size", "4", "--eval-size", "8",
+          "--checkpoint-every", "2", "--no-progress"]
+SPP_ARGS = ["--method", "spp", "--max-steps", "5", "--merge", *COMMON]
+PAT_ARGS = ["--method", "pat", "--ratio", "0.25", "--max-steps", "5", "--lr", "1e-3", *COMMON]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def alpaca():
+    from prunetune.tune.api import resolve_data
+
+    try:
+        return resolve_data("alpaca")
+    except PrunetuneError:
+        pytest.skip("no local data folder with instruct/alpaca_14k.jsonl (set PRUNETUNE_DATA)")
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    from prunetune.api import prune
+
+    d = tmp_path_factory.mktemp("pruned") / "stories-2of4"
+    prune(DEFAULT_MODEL, method="wanda", sparsity="2:4", out=d, calib="tinystories", nsamples=4, seqlen=64,
+          device="cpu", progress=False)
+    return d
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+def weights(d):
+    sd = {}
+    for f in sorted(d.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def in_process(*args):
+    """``prunetune ARGS`` through ``cli.main`` in this process; a CompletedProcess for assert_clean_error."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+
+
+def leftovers(parent, name):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}") or p.name == name)
+
+
+# --- end to end -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def spp_run(pruned, runs, alpaca):
+    out = runs / "spp"
+    p = run_cli("tune", "--model", pruned, *SPP_ARGS, "--out", out, env=ENV)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "zero pattern identical: yes" in p.stdout
+    return out
+
+
+def test_spp_tune_merges_to_the_same_zero_pattern(spp_run, pruned):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32).state_dict()
+    merged_model = AutoModelForCausalLM.from_pretrained(spp_run, dtype=torch.float32)
+    merged = merged_model.state_dict()
+    assert base.keys() == merged.keys()
+    changed = 0
+    for k, w in base.items():
+        assert torch.equal(merged[k] == 0, w == 0), k
+        changed += int(not torch.equal(merged[k], w))
+    assert changed > 0  # training did something
+    q = merged["model.layers.0.self_attn.q_proj.weight"]
+    assert (q == 0).float().mean().item() == pytest.approx(0.5)
+    rep = json.loads((spp_run / "tune_report.json").read_text())
+    assert rep["method"] == "spp" and rep["steps"] == 5 and rep["global_batch"] == 4 and rep["seq_len"] == 192
+    assert rep["zero_pattern_check"]["identical"] and rep["zero_pattern_check"]["tensors_checked"] > 0
+    assert rep["sparsity"]["before"] == rep["sparsity"]["after_merge"] == pytest.approx(0.5)
+    assert rep["data"]["records"] == 48 and len(rep["data"]["sha256"]) == 64 and rep["data"]["eval_examples"] == 8
+    assert rep["model"]["weights_sha256"] and rep["final_eval_loss"] is not None and len(rep["history"]) == 5
+    for key in ("versions", "wall_time_s", "peak_rss_mb", "started"):
+        assert key in rep["manifest"]
+    assert (spp_run / "adapters" / "prunetune_adapter.json").is_file()
+    assert leftovers(spp_run.parent, "spp") == ["spp"]  # no working folder left
+
+
+def test_merge_command_gives_the_tune_merge_weights(spp_run, runs):
+    out = runs / "spp-merged"
+    p = in_process("merge", spp_run, "--out", out, "--device", "cpu")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "zero pattern identical: yes" in p.stdout
+    assert_same_weights(spp_run, out)
+    rep = json.loads((out / "merge_report.json").read_text())
+    assert rep["zero_pattern_check"]["identical"] and rep["method"] == "spp"
+    # the wrong method for these adapters, and an existing output, are refused
+    assert_clean_error(in_process("merge", spp_run, "--out", runs / "x", "--method", "pat"), "trained with 'spp'")
+    assert_clean_error(in_process("merge", spp_run, "--out", out), "already exists")
+
+
+def test_spp_sigkill_then_resume_is_bit_identical(spp_run, pruned, runs):
+    out = runs / "spp-killed"
+    p = run_cli("tune", "--model", pruned, *SPP_ARGS, "--out", out, env={**ENV, "PRUNETUNE_TEST_KILL_AFTER_STEP": "3"})
+    assert p.returncode == -9, p.stderr[-3000:]
+    partial = runs / ".spp-killed.partial"
+    assert not out.exists() and (partial / "train" / "checkpoints" / "step-000002").is_dir()
+    # a resume with other settings is refused and leaves the interrupted run intact
+    e = in_process("tune", "--model", pruned, *SPP_ARGS, "--lr", "1e-2", "--out", out, "--resume")
+    assert_clean_error(e, "cannot resume", "different run")
+    assert not out.exists() and (partial / "train" / "checkpoints" / "step-000002").is_dir()
+    p = run_cli("tune", "--model", pruned, *SPP_ARGS, "--out", out, "--resume", env=ENV)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from step 2" in p.stdout
+    assert_same_weights(spp_run, out)
+    assert_same_weights(spp_run / "adapters", out / "adapters")
+    a = json.loads((spp_run / "tune_report.json").read_text())
+    b = json.loads((out / "tune_report.json").read_text())
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert b["resumed_from_step"] == 2 and not partial.exists()
+
+
+@pytest.fixture(scope="module")
+def pat_run(runs, alpaca):
+    out = runs / "pat"
+    p = run_cli("tune", *PAT_ARGS, "--out", out, env=ENV)  # the bundled stories260K
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def test_pat_writes_a_smaller_plain_checkpoint(pat_run, runs):
+    from transformers import AutoModelForCausalLM
+
+    from prunetune.api import merge
+
+    m = AutoModelForCausalLM.from_pretrained(pat_run)
+    assert m.config.hidden_size == 48 and m.model.embed_tokens.weight.shape == (512, 48)
+    with torch.no_grad():
+        logits = m(torch.tensor([[1, 5, 9, 13]])).logits
+    assert torch.isfinite(logits).all()
+    rep = json.loads((pat_run / "tune_report.json").read_text())
+    assert rep["pat"]["hidden_size_before"] == 64 and rep["pat"]["hidden_size"] == 48
+    assert len(rep["pat"]["kept_channels"]) == 48 and rep["steps"] == 5
+    # merge --method pat of the adapters gives the same shrunk weights
+    res = merge(pat_run, out=runs / "pat-merged", method="pat", device="cpu")
+    assert res["pat"]["kept_channels"] == rep["pat"]["kept_channels"]
+    assert_same_weights(pat_run, runs / "pat-merged")
+
+
+def test_pat_sigkill_then_resume_is_bit_identical(pat_run, runs):
+    out = runs / "pat-killed"
+    p = run_cli("tune", *PAT_ARGS, "--out", out, env={**ENV, "PRUNETUNE_TEST_KILL_AFTER_STEP": "3"})
+    assert p.returncode == -9, p.stderr[-3000:]
+    assert not out.exists()
+    p = run_cli("tune", *PAT_ARGS, "--out", out, "--resume", env=ENV)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_weights(pat_run, out)
+    assert_same_weights(pat_run / "adapters", out / "adapters")
+
+
+def test_lora_masked_keeps_the_pattern_and_plain_lora_merge_does_not(pruned, tmp_path, alpaca):
+    from prunetune.api import merge, tune
+
+    rep = tune(pruned, method="lora-masked", data="alpaca", out=tmp_path / "lm", seq_len=192, max_records=24,
+               batch_size=4, max_steps=2, lr=1e-2, eval_size=0, merge=True, device="cpu", progress=False)
+    assert rep["zero_pattern_check"]["identical"] and rep["sparsity"]["after_merge"] == pytest.approx(0.5)
+    plain = merge(tmp_path / "lm", out=tmp_path / "plain", method="lora", device="cpu")
+    assert not plain["zero_pattern_check"]["identical"] and plain["sparsity"]["after_merge"] < 0.5
+
+
+def test_dense_model_warns_for_spp(tmp_path, alpaca, caplog):
+    from prunetune.api import tune
+
+    with caplog.at_level("WARNING", logger="prunetune"):
+        rep = tune(DEFAULT_MODEL, method="spp", data="alpaca", out=tmp_path / "d", seq_len=192, max_records=12,
+                   batch_size=4, max_steps=1, eval_size=0, device="cpu", progress=False)
+    assert any("dense model" in r.getMessage() for r in caplog.records)
+    assert rep["warnings"] and "dense" in rep["warnings"][0]
+    assert (tmp_path / "d" / "adapters" / "spp_adapters.safetensors").is_file()
+    assert not (tmp_path / "d" / "config.json").exists()  # no --merge: adapters only
+    with pytest.raises(PrunetuneError, match="dense model"):
+        tune(DEFAULT_MODEL, method="spp", data="alpaca", out=tmp_path / "e", seq_len=192, max_records=12,
+             max_steps=1, on_dense="error", device="cpu", progress=False)
+    assert not (tmp_path / "e").exists() and not (tmp_path / ".e.partial").exists()
+
+
+# --- bad input: one line, non-zero exit, nothing written --------------------------------------------------
+
+def test_help_lists_tune_and_merge():
+    top = in_process_help()
+    assert "tune" in top and "merge" in top
+    h = in_process_help("tune")
+    for needle in ("spp", "lora-masked", "pat", "--resume", "dense", "--ratio", "--merge"):
+        assert needle in h, needle
+    assert "--method" in in_process_help("merge")
+
+
+def in_process_help(*cmd):
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as e:
+        cli.main([*cmd, "--help"])
+    assert e.value.code == 0
+    return buf.getvalue()
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_bad_inputs_are_one_clear_line(tmp_path, alpaca):
+    out = tmp_path / "o"
+    base = ["tune", "--data", "alpaca", "--seq-len", "192", "--max-records", "8", "--max-steps", "1",
+            "--no-progress", "--out", out]
+
+    # two through a real process: exit status and stderr as a user sees them
+    p = run_cli(*base, "--method", "sparse-magic", env=ENV)
+    assert p.returncode == 2
+    assert_clean_error(p, "unknown tuning method", "sparse-magic")
+    (tmp_path / "exists").mkdir()
+    p = run_cli("tune", "--method", "spp", "--data", "alpaca", "--out", tmp_path / "exists", env=ENV)
+    assert_clean_error(p, "already exists", "--overwrite")
+
+    wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"question": "q", "answer": "a"}])
+    long = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "word " * 200, "input": "", "output": "x"}] * 3)
+    opt = save_tiny("opt", tmp_path / "tiny-opt")
+    cases = [
+        (["--method", "spp", "--data", tmp_path / "missing.jsonl"], ("data file not found", "missing.jsonl")),
+        (["--method", "spp", "--data", wrong], ("alpaca fields", "question")),
+        (["--method", "spp", "--data", long], ("no usable example",)),
+        (["--method", "spp", "--seq-len", "0"], ("seq-len", "positive")),
+        (["--method", "pat", "--ratio", "1.5"], ("ratio", "between 0 and 1")),
+        (["--method", "pat", "--ratio", "0"], ("ratio", "between 0 and 1")),
+        (["--method", "pat", "--ratio", "0.9"], ("keeps 6 of 64", "num_attention_heads")),
+        (["--method", "pat", "--model", opt], ("rmsnorm",)),
+        (["--method", "spp", "--resume"], ("nothing to resume",)),
+    ]
+    for extra, needles in cases:
+        # later flags win, so each case overrides the base settings it needs
+        e = in_process(*base, *extra)
+        assert e.returncode == 2, (extra, e.stderr)
+        assert_clean_error(e, *needles)
+        assert leftovers(tmp_path, "o") == [], (extra, leftovers(tmp_path, "o"))
+    assert_clean_error(in_process("merge", tmp_path / "exists", "--out", out), "no prunetune adapters")
