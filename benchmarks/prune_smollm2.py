@@ -39,6 +39,8 @@ def main():
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ppl-windows", type=int, default=0)
+    ap.add_argument("--magnitude-nsamples", type=int, default=8,
+                    help="magnitude ignores calibration data; these samples only feed its reported layer errors")
     ap.add_argument("--corpora", nargs="*", default=["wikitext2", "c4"])
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune_smollm2.json"))
@@ -53,7 +55,9 @@ def main():
 
         fetch(Path(a.model))
     res = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
-    res["protocol"] = {"model": a.model, "calibration": f"c4 validation, {a.nsamples} x {a.seqlen} tokens, seed 0",
+    res["protocol"] = {"model": a.model, "calibration": f"c4 validation, {a.nsamples} x {a.seqlen} tokens, seed 0 "
+                                                         f"(magnitude, which uses no data: {a.magnitude_nsamples} x {a.seqlen}, "
+                                                         "for its layer errors only)",
                        "perplexity": f"{', '.join(a.corpora)}; 512-token non-overlapping windows"
                                      + (f", first {a.ppl_windows} windows" if a.ppl_windows else ", all windows"),
                        "true_sequential": True, "damp": 0.01, "blocksize": 128, "dtype": "float32",
@@ -70,11 +74,12 @@ def main():
             if key in res["runs"]:
                 continue
             d = Path(a.work) / key.replace(":", "of").replace("@", "-")
-            rep = pt.prune(a.model, method=method, sparsity=setting, out=d, calib="c4", nsamples=a.nsamples,
+            ns = a.magnitude_nsamples if method == "magnitude" else a.nsamples
+            rep = pt.prune(a.model, method=method, sparsity=setting, out=d, calib="c4", nsamples=ns,
                            seqlen=a.seqlen, seed=0, overwrite=True, device="cpu")
             t = time.time()
             ppl = {c: r["ppl"] for c, r in ppl_all(d, a.corpora, a.ppl_windows).items()}
-            res["runs"][key] = {"method": method, "sparsity": setting, "ppl": ppl,
+            res["runs"][key] = {"method": method, "sparsity": setting, "ppl": ppl, "calibration_samples": ns,
                                 "prune_wall_time_s": rep["manifest"]["wall_time_s"],
                                 "prune_peak_rss_mb": rep["manifest"]["peak_rss_mb"],
                                 "measured_sparsity": rep["total"]["sparsity_of_pruned_matrices"],
