@@ -9,10 +9,10 @@ import torch
 
 from .errors import PrunetuneError
 from .evaluate.perplexity import perplexity
-from .io import load_model
+from .io import check_output_file, load_model
 from .manifest import measure, versions, machine, write_json_atomic
 
-__all__ = ["load_model", "perplexity", "evaluate", "prune", "tune", "merge"]
+__all__ = ["load_model", "perplexity", "evaluate", "prune", "tune", "merge", "bench", "report"]
 
 
 def _device(device: str | None) -> str:
@@ -35,6 +35,8 @@ def evaluate(model=None, *, ppl: list[str] | tuple = ("wikitext2",), seqlen: int
     device = _device(device)
     if tasks is not None and limit is not None and limit <= 0:
         raise PrunetuneError(f"--limit must be positive (got {limit})")
+    if out is not None:
+        check_output_file(out)  # before the work, not after it
     t0 = time.time()
     with measure() as m:
         model_obj, tok, info = load_model(model, dtype=dtype, device=device)
@@ -61,6 +63,20 @@ def prune(*args, **kwargs):
     from .prune.api import prune as _prune
 
     return _prune(*args, **kwargs)
+
+
+def bench(*args, **kwargs):
+    """Speed, memory and size of models side by side; see :func:`prunetune.evaluate.speed.bench`."""
+    from .evaluate.speed import bench as _bench
+
+    return _bench(*args, **kwargs)
+
+
+def report(*args, **kwargs):
+    """Markdown tables and PNG plots from result files; see :func:`prunetune.evaluate.report.report`."""
+    from .evaluate.report import report as _report
+
+    return _report(*args, **kwargs)
 
 
 def tune(*args, **kwargs):

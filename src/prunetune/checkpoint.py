@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import PrunetuneError
+from .errors import PrunetuneError, write_failure
 
 
 class SafetensorsSource:
@@ -54,6 +54,11 @@ class SafetensorsSource:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of ``name``, from the file header (no data is read)."""
+        with safe_open(str(self._dir / self._where[name]), framework="pt") as h:
+            return tuple(h.get_slice(name).get_shape())
+
     def get(self, name: str) -> torch.Tensor:
         f = self._where.get(name)
         if f is None:
@@ -67,8 +72,8 @@ class SafetensorsSource:
             raise PrunetuneError(f"cannot read tensor '{name}' from '{f}': the file is damaged or truncated ({type(e).__name__})") from None
 
 
-def open_streaming(directory: str | Path, dtype: torch.dtype):
-    """(skeleton model on meta with real buffers, source). Nothing large is read yet."""
+def skeleton(directory: str | Path, dtype: torch.dtype):
+    """The model of ``directory``'s config on the meta device (real buffers); no weight is read."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -76,10 +81,26 @@ def open_streaming(directory: str | Path, dtype: torch.dtype):
         config = AutoConfig.from_pretrained(directory)
     except (OSError, ValueError) as e:
         raise PrunetuneError(f"cannot read the config of '{directory}': {str(e).splitlines()[0]}") from None
-    source = SafetensorsSource(directory)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval()
+    return model.eval()
+
+
+def check_shapes(model: torch.nn.Module, source: SafetensorsSource) -> None:
+    """Refuse a config that does not match the stored weights, naming the first tensor that differs."""
+    for name, p in model.named_parameters():
+        if name in source:
+            shape = source.shape(name)
+            if shape != tuple(p.shape):
+                raise PrunetuneError(f"config does not match the weights: '{name}' has shape {shape}, "
+                                     f"config expects {tuple(p.shape)}")
+
+
+def open_streaming(directory: str | Path, dtype: torch.dtype):
+    """(skeleton model on meta with real buffers, source). Nothing large is read yet."""
+    model = skeleton(directory, dtype)
+    source = SafetensorsSource(directory)
+    check_shapes(model, source)
     return model, source
 
 
@@ -116,9 +137,12 @@ class ShardWriter:
         try:
             save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
             os.replace(tmp, self.dir / filename)
-        except OSError as e:
+        except Exception as e:
             tmp.unlink(missing_ok=True)
-            raise PrunetuneError(f"cannot write '{self.dir / filename}': {e.strerror or e}") from None
+            err = write_failure(e, self.dir / filename)
+            if err is None:
+                raise
+            raise err from None
 
     def finish(self) -> None:
         weight_map, total = {}, 0

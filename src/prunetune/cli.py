@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", nargs="*", default=None, metavar="CORPUS", help="perplexity before/after on these corpora")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--resume", action="store_true", help="continue a killed run from its last finished layer")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from its last finished layer (kept in the hidden .<out>.partial folder)")
 
     # tune ------------------------------------------------------------------------------------
     p = sub.add_parser(

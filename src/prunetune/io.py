@@ -6,13 +6,14 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import PrunetuneError
+from .errors import OutputWriteError, PrunetuneError, writing
 from .manifest import sha256_file
 from .paths import DEFAULT_MODEL
 
@@ -113,17 +114,45 @@ def load_model(spec=None, *, dtype="float32", device="cpu", tokenizer: bool = Tr
         if src.kind == "hub":
             raise PrunetuneError(f"cannot fetch '{src.spec}' from the Hugging Face Hub (offline, or no such model): {str(e).splitlines()[0]}") from None
         raise PrunetuneError(f"cannot load model '{src.spec}': {str(e).splitlines()[0]}") from None
-    except (ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:
+        if not isinstance(e, (ValueError, KeyError, RuntimeError)) and type(e).__name__ != "SafetensorError":
+            raise
+        if src.kind == "local":
+            _diagnose_local(src)  # names the damaged file or the mismatched tensor, when that is the cause
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PrunetuneError(f"cannot load model '{src.spec}': {msg}") from None
     if src.kind == "gguf":
         _strip_gguf_quantizer(model)
+    check_finite(model)
     model.to(device)
     model.eval()
     info = src.describe()
     info.update(model_type=model.config.model_type, parameters=sum(p.numel() for p in model.parameters()),
                 dtype=str(torch_dtype).replace("torch.", ""))
     return model, tok, info
+
+
+def _diagnose_local(src: ModelSource) -> None:
+    """Raise the precise reason a local safetensors checkpoint failed to load, if it is a damaged or
+    truncated file or a config that does not match the weights (transformers' own messages say neither)."""
+    if not any(f.endswith(".safetensors") for f in src.weight_files):
+        return
+    from .checkpoint import SafetensorsSource, check_shapes, skeleton
+
+    try:
+        source = SafetensorsSource(src.path)  # raises naming a missing, damaged or truncated file
+        check_shapes(skeleton(src.path, torch.float32), source)
+    except PrunetuneError:
+        raise
+    except Exception:  # not one of these causes: the caller reports transformers' own message
+        return
+
+
+def check_finite(model) -> None:
+    """Refuse weights holding NaN/Inf, naming the tensor (they would only show up later as NaN losses)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.device.type != "meta" and not torch.isfinite(p.data).all():
+            raise PrunetuneError(f"weights of '{name}' contain NaN/Inf")
 
 
 # --- output directories --------------------------------------------------------------------------
@@ -147,30 +176,66 @@ def check_output_dir(out: str | Path, *, overwrite: bool, inputs: tuple = ()) ->
         raise PrunetuneError(f"output directory '{out}' already exists (use --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise PrunetuneError(f"output path '{out}' exists and is not a directory")
-    parent = out.parent
-    parent.mkdir(parents=True, exist_ok=True) if not parent.exists() and os.access(parent.parent, os.W_OK) else None
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise PrunetuneError(f"cannot write to '{parent}' (missing or not writable)")
+    check_writable(out.parent)
     return out
 
 
+def check_output_file(out: str | Path) -> Path:
+    """Refuse a result-file path that cannot be written, before any work is done."""
+    out = Path(out).expanduser().resolve()
+    if out.is_dir():
+        raise PrunetuneError(f"output path '{out}' is a directory (give a file name)")
+    check_writable(out.parent)
+    return out
+
+
+def check_writable(directory: Path) -> None:
+    """Refuse a folder that cannot be created or written to.
+
+    Tried rather than asked: permission bits say nothing for root, ACLs or read-only mounts. Nothing is
+    created: the probe goes into the nearest existing folder and is removed at once."""
+    d = Path(directory)
+    existing = d
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "it" if existing == d else f"'{existing}'"
+        raise PrunetuneError(f"cannot write to '{d}': {what} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".prunetune-probe-", dir=existing))
+    except OSError as e:
+        raise PrunetuneError(f"cannot write to '{d}': {e.strerror or e}") from None
+
+
 @contextmanager
-def atomic_output_dir(out: str | Path, *, overwrite: bool = False, keep_partial: bool = False):
+def atomic_output_dir(out: str | Path, *, overwrite: bool = False, keep_partial=False):
     """Yield a sibling temp dir; on success it replaces ``out`` in one rename.
 
-    On failure the temp dir is removed, unless ``keep_partial`` and the failure was not a user error
-    (resumable jobs keep it after a crash or Ctrl-C so ``--resume`` can continue; it is hidden and named
-    ``.<out>.partial``)."""
+    On failure the temp dir is removed, unless ``keep_partial`` (a bool, or a function of the temp dir
+    saying whether it holds resumable work) and the failure was not bad input: resumable jobs keep it
+    after a crash, Ctrl-C or a full disk so ``--resume`` can continue (it is hidden and named
+    ``.<out>.partial``). A write the system refuses becomes one `OutputWriteError` line."""
     out = Path(out).expanduser().resolve()
     tmp = partial_dir_for(out)
-    tmp.mkdir(parents=True, exist_ok=True)
+    with writing(tmp):
+        tmp.mkdir(parents=True, exist_ok=True)
+
+    def keep() -> bool:
+        return bool(keep_partial(tmp) if callable(keep_partial) else keep_partial)
+
     try:
-        yield tmp
+        with writing(tmp):
+            yield tmp
+    except OutputWriteError as e:
+        if not keep():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        raise OutputWriteError(f"{e} (the finished work is kept in '{tmp}': make room and rerun with --resume)") from None
     except PrunetuneError:  # bad input found on the way: nothing worth resuming
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     except BaseException:
-        if not keep_partial:
+        if not keep():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
@@ -220,10 +285,8 @@ def verify_manifest(directory: str | Path) -> None:
 def save_model(model, tokenizer, directory: str | Path, record: dict | None = None) -> None:
     """save_pretrained + tokenizer + manifest into an (already temporary) directory."""
     directory = Path(directory)
-    try:
+    with writing(directory):
         model.save_pretrained(directory)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         write_manifest(directory, record or {})
-    except OSError as e:
-        raise PrunetuneError(f"cannot write the model to '{directory}': {e.strerror or e}") from None

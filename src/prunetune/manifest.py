@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import writing
+
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
@@ -88,10 +90,16 @@ def measure():
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
+    """Write ``path`` in one rename; a refused write leaves no temp file and is one `OutputWriteError` line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=2, sort_keys=False, default=str)
+                f.write("\n")
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

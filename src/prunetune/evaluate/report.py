@@ -2,7 +2,9 @@
 
 Reads ``prunetune eval --out`` results, prune outputs (``prune_report.json`` or the directory holding it),
 ``prunetune bench`` results and the result file of ``benchmarks/prune_smollm2.py``; anything else is refused
-with one line naming the file. Writes ``report.md`` and PNG plots into ``out_dir`` (each file atomically).
+with one line naming the file. Writes ``report.md`` and PNG plots into ``out_dir``: a new folder is assembled
+next to it and renamed in one step, with a manifest of their hashes; into an existing folder (it may hold the
+results themselves) each file is replaced atomically.
 
 Perplexity rows are keyed by model (the last component of its path or Hub id), method and sparsity. An eval of a
 directory that holds a ``prune_report.json`` takes its method and sparsity from it; any other eval counts as the
@@ -17,10 +19,12 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import PrunetuneError
+from ..errors import PrunetuneError, writing
+from ..io import MANIFEST, check_writable, partial_dir_for, write_manifest
 
 PRUNE_REPORT = "prune_report.json"
 KNOWN = "prunetune eval, prune and bench results and benchmarks/prune_smollm2.py result files"
@@ -486,12 +490,13 @@ def _speed_plot(s: Source) -> dict[str, bytes]:
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
+        with writing(path):
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        raise PrunetuneError(f"cannot write '{path}': {e.strerror or e}") from None
+        raise
 
 
 def report(paths: list[str], *, out_dir) -> dict:
@@ -501,13 +506,10 @@ def report(paths: list[str], *, out_dir) -> dict:
     if not paths:
         raise PrunetuneError("give at least one result file to report on")
     sources = [read_result(p) for p in paths]
-    out = Path(out_dir).expanduser()
+    out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise PrunetuneError(f"output path '{out}' exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PrunetuneError(f"cannot create '{out}': {e.strerror or e}") from None
+    check_writable(out.parent)
 
     ppl_rows, zs, prunes, benches = _gather(sources)
     plots: dict[str, bytes] = {}
@@ -532,11 +534,26 @@ def report(paths: list[str], *, out_dir) -> dict:
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
 
-    written = []
-    for name, data in plots.items():
-        _write_atomic(out / name, data)
-        written.append(str(out / name))
+    files = {**plots, "report.md": "\n".join(lines).encode("utf-8")}
+    record = {"tool": "prunetune", "command": "report", "inputs": [str(s.path) for s in sources]}
+    fresh = not out.exists()
+    target = partial_dir_for(out) if fresh else out
+    try:
+        with writing(target):
+            if fresh:
+                shutil.rmtree(target, ignore_errors=True)
+                target.mkdir(parents=True)
+            for name, data in files.items():
+                _write_atomic(target / name, data)
+            if fresh:  # an existing folder may be another command's output: its manifest is not ours to replace
+                write_manifest(target, record)
+                os.replace(target, out)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
     md = out / "report.md"
-    _write_atomic(md, "\n".join(lines).encode("utf-8"))
-    return {"report": str(md), "plots": written, "written": [str(md), *written],
+    plots_written = [str(out / name) for name in plots]
+    return {"report": str(md), "plots": plots_written,
+            "written": [str(md), *plots_written, *([str(out / MANIFEST)] if fresh else [])],
             "inputs": [{"path": str(s.path), "kind": s.kind} for s in sources]}

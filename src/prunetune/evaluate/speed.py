@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import PrunetuneError
-from ..io import load_model, parse_dtype, resolve_model
+from ..io import check_output_file, load_model, parse_dtype, resolve_model
 from ..manifest import machine, measure, versions, write_json_atomic
 from .perplexity import max_positions
 
@@ -433,6 +433,8 @@ def bench(models: list[str], *, batch_sizes=(1, 8, 32), seq_lens=(128,), decode_
         threads = _check_ints("threads", threads, 1)[0]
     for m in models:
         resolve_model(m)  # clear errors for bad paths before anything is loaded
+    if out is not None:
+        check_output_file(out)
 
     old_threads = torch.get_num_threads()
     if threads is not None:

@@ -19,7 +19,7 @@ from ..data.calibration import sample_calibration
 from ..errors import PrunetuneError
 from ..evaluate.perplexity import max_positions, perplexity
 from ..io import (atomic_output_dir, check_output_dir, load_model, parse_dtype, partial_dir_for, resolve_model,
-                  write_manifest)
+                  verify_manifest, write_manifest)
 from ..manifest import machine, measure, peak_rss_mb, versions
 from ..models import get_adapter
 from .masks import parse_sparsity
@@ -99,6 +99,7 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
         if stream is not None:
             streaming = stream and streaming
         if streaming:
+            verify_manifest(src.path)  # a prunetune output: every file must still match its recorded hash
             net, source = open_streaming(src.path, torch_dtype)
             model_info = src.describe()
             model_info.update(model_type=net.config.model_type, dtype=str(torch_dtype).replace("torch.", ""),
@@ -128,6 +129,11 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
             "dtype": str(torch_dtype).replace("torch.", ""), "prunetune": versions()["prunetune"],
         }
         fingerprint = _fingerprint(protocol)
+        if resume:  # checked before the working folder is opened: a refused resume leaves it intact
+            state = _load_state(state_file)
+            if state.get("fingerprint") != fingerprint:
+                raise PrunetuneError("cannot resume: the interrupted run used other settings or another model "
+                                     "(start again without --resume)")
 
         def materialize_layer(i, layer):
             materialize(net, adapter.layer_prefix(i), layer, source, device, torch_dtype)
@@ -148,15 +154,13 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
             if not name.startswith(adapter.layers_path + ".") and p.device.type != "meta" and not torch.isfinite(p.data).all():
                 raise PrunetuneError(f"weights of '{name}' contain NaN/Inf")
 
-        with atomic_output_dir(out_path, overwrite=overwrite, keep_partial=True) as tmp:
+        # kept after a crash, a kill or a full disk once a finished layer can be resumed
+        resumable = lambda tmp: (tmp / RESUME / "state.pt").is_file()  # noqa: E731
+        with atomic_output_dir(out_path, overwrite=overwrite, keep_partial=resumable) as tmp:
             writer = ShardWriter(tmp)
             start_layer, start_hidden, done = 0, None, []
             layer_specs = None
             if resume:
-                state = torch.load(state_file, weights_only=False)
-                if state["fingerprint"] != fingerprint:
-                    raise PrunetuneError("cannot resume: the interrupted run used other settings or another model "
-                                         "(start again without --resume)")
                 start_layer, start_hidden = state["layer"] + 1, state["hidden"]
                 done = [LayerResult(**r) for r in state["results"]]
                 layer_specs = state.get("layer_specs")
@@ -176,8 +180,9 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                 done.extend(results)
                 (tmp / RESUME).mkdir(exist_ok=True)
                 tmp_state = tmp / RESUME / "state.pt.tmp"
-                torch.save({"fingerprint": fingerprint, "layer": i, "hidden": hidden,
-                            "results": [asdict(r) for r in done], "layer_specs": layer_specs}, tmp_state)
+                with open(tmp_state, "wb") as f:  # a file object: a full disk is an OSError, not torch's RuntimeError
+                    torch.save({"fingerprint": fingerprint, "layer": i, "hidden": hidden,
+                                "results": [asdict(r) for r in done], "layer_specs": layer_specs}, f)
                 tmp_state.replace(tmp / RESUME / "state.pt")
                 if streaming:
                     release(layer)
@@ -204,6 +209,17 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
     report["manifest"].update(meas.as_dict())
     report["summary_table"] = summary_table(report)
     return report
+
+
+def _load_state(state_file: Path) -> dict:
+    try:
+        state = torch.load(state_file, weights_only=False)
+    except Exception as e:  # truncated or overwritten: pickle and zip raise many types
+        raise PrunetuneError(f"cannot resume: '{state_file}' is damaged ({type(e).__name__}; start again "
+                             "without --resume)") from None
+    if not isinstance(state, dict):
+        raise PrunetuneError(f"cannot resume: '{state_file}' is not a prunetune resume state")
+    return state
 
 
 def _semantics(spec) -> str:

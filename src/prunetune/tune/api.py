@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import PrunetuneError
-from ..io import check_output_dir, load_model, partial_dir_for, resolve_model, write_manifest
+from ..errors import OutputWriteError, PrunetuneError, write_failure, writing
+from ..io import check_output_dir, load_model, partial_dir_for, resolve_model, verify_manifest, write_manifest
 from ..manifest import machine, peak_rss_mb, sha256_file, versions
 
 log = logging.getLogger("prunetune")
@@ -87,11 +87,26 @@ def resolve_data(data) -> Path:
     return p
 
 
+def _check_text(path: Path) -> None:
+    """Refuse a binary or non-UTF-8 data file in one line (its first 64 KiB tell)."""
+    import codecs
+
+    with path.open("rb") as f:
+        head = f.read(1 << 16)
+    if b"\x00" in head:
+        raise PrunetuneError(f"{path}: looks like a binary file, not text")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at the end is fine
+    except UnicodeDecodeError as e:
+        raise PrunetuneError(f"{path}: is not UTF-8 text (byte {e.start})") from None
+
+
 def _check_data_fields(path: Path, mode: str) -> None:
     """Refuse a jsonl whose first record is neither Alpaca (instruction/output) nor text, in one line."""
+    _check_text(path)
     if mode != "auto" or path.suffix == ".txt":
         return
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", errors="replace") as f:  # _check_text has refused non-UTF-8 starts
         first = next((line for line in f if line.strip()), None)
     if first is None:
         raise PrunetuneError(f"{path}: the data file is empty")
@@ -254,6 +269,22 @@ def _publish(stage: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _as_write_error(e: BaseException, where: Path) -> OutputWriteError | None:
+    if isinstance(e, OutputWriteError):
+        return e
+    return write_failure(e, where) if isinstance(e, Exception) else None
+
+
+def _write_failed(e: OutputWriteError, partial: Path, work: Path, main: bool) -> OutputWriteError:
+    """A refused write (disk full...): keep the training state when a checkpoint can resume it, else clean up."""
+    if _latest_step(work) is not None:
+        return OutputWriteError(f"{e} (the training checkpoints are kept in '{partial}': make room and rerun "
+                                "with --resume)")
+    if main:
+        shutil.rmtree(partial, ignore_errors=True)
+    return e
+
+
 def _latest_step(work: Path) -> int | None:
     from .trainer import _checkpoints
 
@@ -366,7 +397,10 @@ def tune(model=None, *, method: str, data, out, seq_len: int = 256, batch_size: 
         shutil.rmtree(partial)
     state.wait_for_everyone()
     try:
-        res = train(net, tok, tm, tdata, tcfg, work, resume=resume)
+        with writing(work):
+            res = train(net, tok, tm, tdata, tcfg, work, resume=resume)
+    except OutputWriteError as e:
+        raise _write_failed(e, partial, work, state.is_main_process) from None
     except PrunetuneError:
         if not resume and state.is_main_process:  # bad input found while starting: nothing worth resuming
             shutil.rmtree(partial, ignore_errors=True)
@@ -424,8 +458,11 @@ def tune(model=None, *, method: str, data, out, seq_len: int = 256, batch_size: 
         write_manifest(stage, {"tool": "prunetune", "command": "tune", "method": method,
                                "run_fingerprint": res["fingerprint"]})
         _publish(stage, out_path, overwrite)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)  # the training state stays resumable
+        err = _as_write_error(e, out_path)
+        if err is not None:
+            raise _write_failed(err, partial, work, True) from None
         raise
     shutil.rmtree(partial, ignore_errors=True)
     report["out"] = str(out_path)
@@ -457,6 +494,8 @@ def merge(adapters, *, out, method: str | None = None, model=None, dtype: str | 
     from .trainer import model_fingerprint
 
     adir = find_adapters(adapters)
+    if adir.name == ADAPTER_DIR:
+        verify_manifest(adir.parent)  # a tune output: adapters and checkpoint must match their recorded hashes
     try:
         rec = json.loads((adir / ADAPTER_RECORD).read_text())
         trained, mcfg, base = rec["method"], rec["method_config"], rec["base_model"]
@@ -507,8 +546,11 @@ def merge(adapters, *, out, method: str | None = None, model=None, dtype: str | 
         (stage / MERGE_REPORT).write_text(json.dumps(report, indent=2, default=str) + "\n")
         write_manifest(stage, {"tool": "prunetune", "command": "merge", "method": method})
         _publish(stage, out_path, overwrite)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
+        err = _as_write_error(e, out_path)
+        if err is not None:
+            raise err from None
         raise
     report["out"] = str(out_path)
     return report

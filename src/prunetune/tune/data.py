@@ -73,6 +73,13 @@ def _check_len(name: str, n: int) -> None:
 
 
 def _read_jsonl(path: Path, required: tuple[str, ...], limit: int | None) -> list[dict]:
+    try:
+        return _read_jsonl_records(path, required, limit)
+    except UnicodeDecodeError:
+        raise PrunetuneError(f"{path}: is not UTF-8 text") from None
+
+
+def _read_jsonl_records(path: Path, required: tuple[str, ...], limit: int | None) -> list[dict]:
     records = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -155,7 +162,10 @@ def load_text_data(path, tokenizer, seq_len: int = 256, eval_size: float | int =
     _check_len("seq_len", seq_len)
     p = _existing(path)
     if p.suffix == ".txt":
-        docs = [p.read_text(encoding="utf-8")]
+        try:
+            docs = [p.read_text(encoding="utf-8")]
+        except UnicodeDecodeError:
+            raise PrunetuneError(f"{p}: is not UTF-8 text") from None
     else:
         docs = [r["text"] for r in _read_jsonl(p, ("text",), limit)]
     docs = [d for d in docs if d.strip()]
@@ -182,7 +192,7 @@ def load_tuning_data(path, tokenizer, mode: str = "auto", seq_len: int = 512, **
     if mode == "auto":
         mode = "text"
         if p.suffix != ".txt":
-            with p.open(encoding="utf-8") as f:
+            with p.open(encoding="utf-8", errors="replace") as f:  # decoding errors are reported by the reader
                 first = next((line for line in f if line.strip()), "")
             try:
                 rec = json.loads(first) if first else {}

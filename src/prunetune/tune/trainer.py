@@ -209,6 +209,12 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def _save(obj, path: Path) -> None:
+    """torch.save through a file object: a full disk is then an OSError naming the problem, not a RuntimeError."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def _checkpoints(out_dir: Path) -> list[Path]:
     d = out_dir / "checkpoints"
     if not d.is_dir():
@@ -367,12 +373,12 @@ def train(model: nn.Module, tokenizer, method: TuningMethod, data, config: Train
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        torch.save(_rng_state(), tmp / f"rng-{acc.process_index}.pt")
+        _save(_rng_state(), tmp / f"rng-{acc.process_index}.pt")
         acc.wait_for_everyone()
         if is_main:
             method.save_adapters(acc.unwrap_model(model), tmp / "adapters")
-            torch.save(opt.state_dict(), tmp / "optimizer.pt")
-            torch.save(sched.state_dict(), tmp / "scheduler.pt")
+            _save(opt.state_dict(), tmp / "optimizer.pt")
+            _save(sched.state_dict(), tmp / "scheduler.pt")
             (tmp / "state.json").write_text(json.dumps(
                 {"step": step, "total_steps": total, "fingerprint": fingerprint, "fingerprint_parts": parts,
                  "history": history}, indent=1))

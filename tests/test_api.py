@@ -1,0 +1,24 @@
+"""The public Python API: names stay functions, and calls repeat (a user's loop over settings)."""
+
+from __future__ import annotations
+
+import importlib
+
+import prunetune as pt
+from prunetune.paths import DEFAULT_MODEL
+
+
+def test_api_names_are_functions_even_after_subpackage_imports():
+    for mod in ("prunetune.prune.api", "prunetune.tune.api", "prunetune.evaluate.speed", "prunetune.evaluate.report"):
+        importlib.import_module(mod)
+    for name in ("load_model", "perplexity", "evaluate", "prune", "tune", "merge", "bench", "report"):
+        assert callable(getattr(pt, name)), name
+
+
+def test_prune_twice_in_one_process(tmp_path):
+    outs = []
+    for method in ("magnitude", "wanda"):
+        rep = pt.prune(str(DEFAULT_MODEL), method=method, sparsity="0.5", out=tmp_path / method, calib="tinystories",
+                       nsamples=4, seqlen=64, progress=False)
+        outs.append(rep)
+    assert all(abs(r["total"]["sparsity_of_pruned_matrices"] - 0.5) < 1e-3 for r in outs)
