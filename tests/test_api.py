@@ -22,3 +22,16 @@ def test_prune_twice_in_one_process(tmp_path):
                        nsamples=4, seqlen=64, progress=False)
         outs.append(rep)
     assert all(abs(r["total"]["sparsity_of_pruned_matrices"] - 0.5) < 1e-3 for r in outs)
+
+
+def test_demo_main_job_prints_the_before_after_table(tmp_path):
+    """The README's main job: every method prunes the bundled model; the table has dense + one row per run."""
+    from prunetune.api import demo
+
+    res = demo(methods=("magnitude", "apt"), sparsities=("2:4",), nsamples=4, seqlen=64, out=tmp_path)
+    lines = res["table"].splitlines()
+    assert lines[2].split()[0] == "dense" and [ln.split()[:2] for ln in lines[3:]] == [["magnitude", "2:4"], ["apt", "2:4"]]
+    for r in res["rows"]:
+        assert abs(r["measured_sparsity"] - 0.5) < 1e-6 and r["ppl"] > res["dense_ppl"]
+    # APT reconstructs the layers from calibration data, magnitude does not: APT hurts less
+    assert res["rows"][1]["ppl"] < res["rows"][0]["ppl"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from prunetune.errors import PrunetuneError
-from prunetune.prune.hessian import (damp_hessian, inverse_cholesky_upper, layer_error, prepare_hessian,
-                                     relative_layer_error)
+from prunetune.prune.hessian import (damp_hessian, inverse_cholesky_upper, layer_error, layer_error_stats,
+                                     prepare_hessian, relative_layer_error)
 from prunetune.prune.masks import is_nm_valid, num_pruned, parse_sparsity
 from prunetune.prune.methods import available, get_method
 from prunetune.prune.methods.apt import exact_solve
@@ -394,3 +394,12 @@ def test_layer_error_scaling():
     torch.testing.assert_close(torch.tensor(relative_layer_error(W, W2, H), dtype=torch.float64),
                                ((W2 - W) @ X).square().sum() / (W @ X).square().sum())
     assert relative_layer_error(W, W, H) == 0.0
+
+
+def test_layer_error_stats_matches_float64_in_chunks():
+    W, _, H = problem(22, 37, 24)
+    W2 = W + 0.1 * torch.randn_like(W)
+    err, rel = layer_error_stats(W, W2, H, chunk_elems=24 * 5)  # 5 rows per chunk, last chunk partial
+    assert err == pytest.approx(layer_error(W, W2, H), rel=1e-5)
+    assert rel == pytest.approx(relative_layer_error(W, W2, H), rel=1e-5)
+    assert layer_error_stats(W, W, H) == (0.0, 0.0)

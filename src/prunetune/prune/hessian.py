@@ -25,7 +25,7 @@ from ..errors import PrunetuneError
 log = logging.getLogger("prunetune")
 
 __all__ = ["damp_hessian", "inverse_cholesky_upper", "prepare_hessian", "PreparedHessian", "layer_error",
-           "relative_layer_error", "compute_dtype"]
+           "relative_layer_error", "layer_error_stats", "compute_dtype"]
 
 DEFAULT_RETRIES = 5
 
@@ -148,3 +148,23 @@ def relative_layer_error(W_old: Tensor, W_new: Tensor, H: Tensor) -> float:
     if den <= 0:
         return 0.0 if num == 0 else float("inf")
     return num / den
+
+
+def layer_error_stats(W_old: Tensor, W_new: Tensor, H: Tensor, chunk_elems: int = 1 << 22) -> tuple[float, float]:
+    """``(layer_error, relative_layer_error)`` in one pass with bounded memory, for the driver's report.
+
+    Rows go in chunks of about ``chunk_elems`` elements with float32 products summed in float64: on a 7B
+    layer (11008 × 4096) the float64 `row_errors` form costs minutes and ~1.5 GB, this costs seconds and
+    ~50 MB, and the sums agree to ~1e-6 relative (float32 products)."""
+    H32 = H.to(device=W_old.device, dtype=torch.float32)
+    rows, cols = W_old.shape
+    step = max(1, chunk_elems // max(1, cols))
+    num = den = 0.0
+    for r0 in range(0, rows, step):
+        w = W_old[r0:r0 + step].float()
+        d = W_new[r0:r0 + step].float() - w
+        num += float(((d @ H32) * d).double().sum())
+        den += float(((w @ H32) * w).double().sum())
+    if den <= 0:
+        return num, (0.0 if num == 0 else float("inf"))
+    return num, num / den

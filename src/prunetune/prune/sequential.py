@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PrunetuneError
 from ..models import get_adapter
-from .hessian import layer_error, relative_layer_error
+from .hessian import layer_error_stats
 from .masks import SparsitySpec, sparsity_of
 
 log = logging.getLogger("prunetune")
@@ -140,8 +140,8 @@ def prune_layer(layer, layer_idx: int, adapter, hidden, kwargs, cfg: DriverConfi
                                  blocksize=cfg.blocksize, **cfg.method_opts)
             if not torch.isfinite(newW).all():
                 raise PrunetuneError(f"pruning '{full}' produced NaN/Inf (try a larger --damp)")
-            results.append(LayerResult(full, tuple(W.shape), spec.sparsity, sparsity_of(newW),
-                                       layer_error(W, newW, H), relative_layer_error(W, newW, H)))
+            err, rel = layer_error_stats(W, newW, H)
+            results.append(LayerResult(full, tuple(W.shape), spec.sparsity, sparsity_of(newW), err, rel))
             lin.weight.data.copy_(newW.to(lin.weight.dtype))
             del hessians[name]
     return results
