@@ -101,6 +101,17 @@ def markdown(res: dict) -> str:
             continue
         cells = " | ".join(f"{r['ppl'][c]:.2f} ({r['ppl'][c] / dense[c]:.2f}x)" for c in corpora)
         lines.append(f"| {r['sparsity']} | {r['method']} | {cells} | {r['prune_wall_time_s']:.0f} | {r['prune_peak_rss_mb']:.0f} |")
+    settings = [r["sparsity"] for k, r in runs.items() if r["method"] == "apt" and f"sparsegpt@{r['sparsity']}" in runs]
+    if settings:
+        lines += ["", "APT vs SparseGPT, same run: increase of perplexity over dense, APT's relative to SparseGPT's "
+                      "(below 1: APT loses less), and mean relative layer error ratio", "",
+                  "| setting | " + " | ".join(f"{c}: (APT - dense) / (SparseGPT - dense)" for c in corpora)
+                  + " | layer error APT / SparseGPT | prune time APT / SparseGPT |", "|---|" + "---|" * (len(corpora) + 2)]
+        for s in settings:
+            a, g = runs[f"apt@{s}"], runs[f"sparsegpt@{s}"]
+            cells = " | ".join(f"{(a['ppl'][c] - dense[c]) / (g['ppl'][c] - dense[c]):.3f}" for c in corpora)
+            lines.append(f"| {s} | {cells} | {a['mean_rel_layer_error'] / g['mean_rel_layer_error']:.3f} | "
+                         f"{a['prune_wall_time_s'] / g['prune_wall_time_s']:.2f} |")
     return "\n".join(lines)
 
 

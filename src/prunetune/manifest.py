@@ -54,9 +54,33 @@ def machine() -> dict:
     return info
 
 
+def _status_mb(key: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS count (Linux VmHWM) so a job reports its own peak, not an earlier one's of the
+    same process (a benchmark loop, a notebook). False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory since the last `reset_peak_rss` (Linux VmHWM), else of the whole process."""
+    hwm = _status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux ru_maxrss is in KiB
 
 
 class Measure:
@@ -77,6 +101,7 @@ class Measure:
 @contextmanager
 def measure():
     m = Measure()
+    reset_peak_rss()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()

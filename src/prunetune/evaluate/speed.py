@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PrunetuneError
 from ..io import check_output_file, load_model, parse_dtype, resolve_model
-from ..manifest import machine, measure, versions, write_json_atomic
+from ..manifest import _status_mb, machine, measure, peak_rss_mb, reset_peak_rss, versions, write_json_atomic
 from .perplexity import max_positions
 
 log = logging.getLogger("prunetune")
@@ -154,36 +154,16 @@ def _unique_tensor_bytes(model) -> int:
 
 
 def _rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
+    rss = _status_mb("VmRSS")
+    if rss is not None:
+        return rss
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    from ..manifest import peak_rss_mb
-
-    return peak_rss_mb()
+_reset_peak_rss = reset_peak_rss
+_peak_rss_mb = peak_rss_mb
 
 
 # --- the timed operations ------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import torch
 
 from ..errors import OutputWriteError, PrunetuneError, write_failure, writing
 from ..io import check_output_dir, load_model, partial_dir_for, resolve_model, verify_manifest, write_manifest
-from ..manifest import machine, peak_rss_mb, sha256_file, versions
+from ..manifest import machine, peak_rss_mb, reset_peak_rss, sha256_file, versions
 
 log = logging.getLogger("prunetune")
 
@@ -359,6 +359,7 @@ def tune(model=None, *, method: str, data, out, seq_len: int = 256, batch_size: 
         check_output_dir(out_path, overwrite=overwrite, inputs=(src.path if src.kind != "hub" else None,))
 
     t_start, t0 = time.time(), time.perf_counter()
+    reset_peak_rss()  # report this job's own peak
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     net, tok, model_info = load_model(src.spec, dtype=dtype, device="cpu")
@@ -514,6 +515,7 @@ def merge(adapters, *, out, method: str | None = None, model=None, dtype: str | 
                                 inputs=(src.path if src.kind != "hub" else None, str(adir)))
 
     t_start, t0 = time.time(), time.perf_counter()
+    reset_peak_rss()  # report this job's own peak
     net, tok, info = load_model(src.spec, dtype=dtype, device=device)
     fp = model_fingerprint(net)
     if base.get("fingerprint") and fp != base["fingerprint"]:
