@@ -162,9 +162,6 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-_reset_peak_rss = reset_peak_rss
-_peak_rss_mb = peak_rss_mb
-
 
 # --- the timed operations ------------------------------------------------------------------------
 def _allocated(device: str) -> int:
@@ -260,7 +257,7 @@ def _memory_probe(cfg: dict) -> dict:
     torch.set_num_threads(int(cfg["threads"]))
     _import_model_code(cfg["spec"])  # library code is not the model's memory: import it before the baseline
     base = _rss_mb()
-    hwm_reset = _reset_peak_rss()
+    hwm_reset = reset_peak_rss()
     model, _, _ = load_model(cfg["spec"], dtype=cfg["dtype"], device="cpu", tokenizer=False)
     kwargs, _ = _forward_kwargs(model)
     g = torch.Generator().manual_seed(0)
@@ -269,7 +266,7 @@ def _memory_probe(cfg: dict) -> dict:
     prefill_once(model, ids, kwargs, lambda: None)
     ids = torch.randint(3, vocab, (cfg["decode_batch"], cfg["prompt_len"]), generator=g)
     decode_once(model, ids, cfg["decode_tokens"], lambda: None)
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     return {"baseline_rss_mb": round(base, 1), "peak_mb": round(peak - base, 1), "peak_source": "VmHWM after reset" if hwm_reset else "ru_maxrss"}
 
 
