@@ -107,7 +107,7 @@ def main():
                           max_steps=a.steps, seed=0, merge=True, eval_size=16, data_mode="text",
                           checkpoint_every=0, overwrite=True, device="cpu", progress=False)
             hist = rep["history"]
-            step_s = [a.batch_size * a.seq_len / h["tokens_per_s"] for h in hist[1:]]
+            step_s = [h["step_s"] for h in hist[1:]]
             row = {"model": str(d), "base": p, "method": method, "train_wall_s": time.time() - t,
                    "step_s_median": statistics.median(step_s), "first_loss": rep["first_loss"],
                    "final_loss": rep["final_loss"], "final_eval_loss": rep["final_eval_loss"],

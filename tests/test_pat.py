@@ -305,3 +305,27 @@ def test_frozen_mask_ablation_runs_and_shrinks(tmp_path):
     assert all(h["l_active"] == 0.0 for h in hist)
     assert pat.mask.keep_indices().tolist() == list(range(24))  # the fixed block: the last 8 channels fade out
     _check_shrink(method, model, base_params, tmp_path, 128)
+
+
+def test_warm_start_makes_exactly_the_top_channels_live_and_leaves_the_model_unchanged_at_step_0():
+    from prunetune.tune.pat.method import warm_start
+
+    model = _llama()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    scores = torch.rand(32) + 0.01
+    m = PATMethod(PATConfig(ratio=0.25, mask_init="activation"))
+    m.init_scores = scores
+    model = m.prepare(model)
+    pat = find_pat(model)
+    live = torch.nonzero(pat.mask.W_M > 0).flatten()
+    assert live.numel() == 24 and set(live.tolist()) == set(torch.topk(scores, 24).indices.tolist())
+    assert float(pat.mask.active_loss().detach()) == 0.0
+    m.on_step_begin(model, 0, 10)
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - before).abs().max() < 1e-5
+    with pytest.raises(PrunetuneError, match="needs channel scores"):
+        warm_start(None, 24, 0.01)
+    with pytest.raises(PrunetuneError, match="mask_init"):
+        PATConfig(mask_init="random")

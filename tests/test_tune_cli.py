@@ -283,3 +283,22 @@ def test_bad_inputs_are_one_clear_line(tmp_path, alpaca):
         assert_clean_error(e, *needles)
         assert leftovers(tmp_path, "o") == [], (extra, leftovers(tmp_path, "o"))
     assert_clean_error(in_process("merge", tmp_path / "exists", "--out", out), "no prunetune adapters")
+
+
+def test_pat_warm_started_mask_tunes_merges_and_starts_from_the_top_channels(runs, alpaca):
+    """--mask-init activation: the W_M of the run starts live on exactly the n_keep most energetic channels;
+    the export is the same plain smaller model as with the zero init, and merge reproduces it."""
+    from prunetune.api import merge
+
+    out = runs / "pat-warm"
+    p = run_cli("tune", *PAT_ARGS, "--mask-init", "activation", "--out", out, env=ENV)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = json.loads((out / "tune_report.json").read_text())
+    assert rep["method_config"]["mask_init"] == "activation"
+    assert rep["pat"]["hidden_size"] == 48 and rep["pat"]["mask_init"]["examples"] > 0
+    assert rep["history"][0]["l_active"] == 0.0  # exactly n_keep channels start live
+    res = merge(out, out=runs / "pat-warm-merged", method="pat", device="cpu")
+    assert res["pat"]["kept_channels"] == rep["pat"]["kept_channels"]
+    assert_same_weights(out, runs / "pat-warm-merged")
+    assert_clean_error(run_cli("tune", *PAT_ARGS, "--mask-init", "activation", "--frozen-mask", "--out",
+                               runs / "x", env=ENV), "frozen mask")

@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hio-rank", type=int, default=None, help="pat: rank of the identity operators (default 5%% of hidden size)")
     p.add_argument("--no-identity-loss", action="store_true", help="pat: drop the identity regulariser")
     p.add_argument("--frozen-mask", action="store_true", help="pat ablation: a fixed channel block instead of a learned mask")
+    p.add_argument("--mask-init", default="zero", choices=["zero", "activation"],
+                   help="pat: W_M starts at 0 (as published) or warm-started from each channel's activation energy "
+                        "on the first training examples (default zero)")
     p.add_argument("--on-dense", default="warn", help="spp on a dense model: warn (default) | error | ignore")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run of the same settings")
@@ -222,7 +225,7 @@ def _cmd_tune(a):
                checkpoint_every=a.checkpoint_every, merge=a.merge, ratio=a.ratio, spp_groups=a.spp_groups,
                spp_r=a.spp_r, spp_alpha=a.spp_alpha, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                hio_rank=a.hio_rank, no_identity_loss=a.no_identity_loss, frozen_mask=a.frozen_mask,
-               on_dense=a.on_dense, dtype=a.dtype, device=a.device, overwrite=a.overwrite, resume=a.resume,
+               mask_init=a.mask_init, on_dense=a.on_dense, dtype=a.dtype, device=a.device, overwrite=a.overwrite, resume=a.resume,
                progress=not a.no_progress)
     print(summary(res))
     print(f"wrote {a.out}")

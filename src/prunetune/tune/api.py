@@ -142,7 +142,7 @@ def _device(device) -> str:
 
 def method_config(method: str, *, spp_r=16, spp_alpha=32.0, spp_groups=16, spp_dropout=0.05, lora_r=8,
                   lora_alpha=16.0, lora_dropout=0.05, ratio=0.25, hio_rank=None, identity_loss=True,
-                  frozen_mask=False) -> dict:
+                  frozen_mask=False, mask_init="zero") -> dict:
     """The method's configuration as a plain dict (validated), as recorded next to the adapters."""
     if method == "spp":
         from .spp import SPPConfig
@@ -159,7 +159,7 @@ def method_config(method: str, *, spp_r=16, spp_alpha=32.0, spp_groups=16, spp_d
     if ratio is None:
         ratio = 0.25
     return asdict(PATConfig(ratio=ratio, hio_rank=hio_rank, identity_loss=identity_loss, frozen_mask=frozen_mask,
-                            lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout))
+                            mask_init=mask_init, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout))
 
 
 def build_method(method: str, config: dict):
@@ -301,7 +301,8 @@ def tune(model=None, *, method: str, data, out, seq_len: int = 256, batch_size: 
          checkpoint_every: int = 100, merge: bool = False, ratio: float = 0.25, spp_groups: int = 16,
          spp_r: int = 16, spp_alpha: float = 32.0, spp_dropout: float = 0.05, lora_r: int = 8,
          lora_alpha: float = 16.0, lora_dropout: float = 0.05, hio_rank: int | None = None,
-         no_identity_loss: bool = False, frozen_mask: bool = False, on_dense: str = "warn",
+         no_identity_loss: bool = False, frozen_mask: bool = False, mask_init: str = "zero",
+         mask_init_examples: int = 64, on_dense: str = "warn",
          dtype: str = "float32", device: str | None = None, overwrite: bool = False, resume: bool = False,
          progress: bool = True) -> dict:
     """Fine-tune ``model`` with ``method`` on ``data`` and write adapters (+ a plain checkpoint) to ``out``.
@@ -314,6 +315,8 @@ def tune(model=None, *, method: str, data, out, seq_len: int = 256, batch_size: 
     ``seq_len``: cut-off (instruction) or window length (text) in tokens. Global batch =
     ``batch_size · grad_accum`` (· processes). ``lr`` None: 4e-3 for spp, 2e-4 for lora, 5e-5 for pat.
     ``max_steps`` overrides ``epochs``. ``merge``: also export the merged checkpoint (spp/lora).
+    ``mask_init`` (pat): ``zero`` (W_M = 0, as published) or ``activation`` (warm start: the channels with the
+    most energy at the RMSNorm outputs on the first ``mask_init_examples`` training examples start live).
     ``on_dense``: what to do when SPP is given a dense model ("warn", "error", "ignore").
     ``resume``: continue the interrupted run of the same settings into the same ``out``.
 
@@ -334,7 +337,8 @@ def tune(model=None, *, method: str, data, out, seq_len: int = 256, batch_size: 
         raise PrunetuneError(f"--eval-every must not be negative (got {eval_every})")
     mcfg = method_config(method, spp_r=spp_r, spp_alpha=spp_alpha, spp_groups=spp_groups, spp_dropout=spp_dropout,
                          lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, ratio=ratio,
-                         hio_rank=hio_rank, identity_loss=not no_identity_loss, frozen_mask=frozen_mask)
+                         hio_rank=hio_rank, identity_loss=not no_identity_loss, frozen_mask=frozen_mask,
+                         mask_init=mask_init)
     device = _device(device)
     lr = DEFAULT_LR[method] if lr is None else float(lr)
     tcfg = TrainConfig(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
@@ -387,6 +391,16 @@ def tune(model=None, *, method: str, data, out, seq_len: int = 256, batch_size: 
         if merge:
             masks, linear_names = zero_masks(net), _linear_weight_names(net)
     tm = build_method(method, mcfg)
+    mask_init_info = None
+    if method == "pat" and mcfg.get("mask_init") == "activation":
+        from .pat.channels import channel_scores
+
+        if int(mask_init_examples) <= 0:
+            raise PrunetuneError(f"mask_init_examples must be positive (got {mask_init_examples})")
+        calib = [e["input_ids"] for e in tdata.train[:int(mask_init_examples)]]
+        tm.init_scores = channel_scores(net, "activation", calib)
+        mask_init_info = {"importance": "activation energy at every RMSNorm output", "examples": len(calib),
+                          "tokens": sum(len(c) for c in calib), "source": "the first training examples"}
     _install_kill_hook(tm)
 
     from accelerate import PartialState
@@ -435,6 +449,7 @@ def tune(model=None, *, method: str, data, out, seq_len: int = 256, batch_size: 
                      "fingerprint": tdata.fingerprint()},
             "seq_len": int(seq_len), "global_batch": res["global_batch"], "world_size": res["world_size"],
             "steps": res["steps"], "total_steps": res["total_steps"], "seed": seed,
+            "trainable_parameters": res.get("trainable_parameters"),
             "train_config": asdict(tcfg), "resumed_from_step": resumed_from,
             "first_loss": hist[0]["loss"] if hist else None, "final_loss": hist[-1]["loss"] if hist else None,
             "final_eval_loss": res["eval_loss"], "history": hist, "warnings": warnings_,
@@ -447,6 +462,8 @@ def tune(model=None, *, method: str, data, out, seq_len: int = 256, batch_size: 
                 report["zero_pattern_check"] = exported["zero_pattern_check"]
         else:
             report["pat"] = exported.get("pat")
+            if mask_init_info is not None:
+                report["pat"]["mask_init"] = mask_init_info
         man = {"tool": "prunetune", "command": "tune", "run_fingerprint": res["fingerprint"], "device": device,
                "versions": versions(), "machine": machine(),
                "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)),

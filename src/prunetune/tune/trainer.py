@@ -427,7 +427,8 @@ def train(model: nn.Module, tokenizer, method: TuningMethod, data, config: Train
         method.on_step_end(unwrapped, step + 1, total)
         nll_all = acc.reduce(nll_local, "sum")
         dt = time.perf_counter() - t0
-        rec = {"step": step + 1, "loss": float(nll_all) / max(1, n_label), "lr": lr, "tokens_per_s": n_tokens / dt}
+        rec = {"step": step + 1, "loss": float(nll_all) / max(1, n_label), "lr": lr, "tokens_per_s": n_tokens / dt,
+               "step_s": dt}
         rec.update({k: float(v) for k, v in (extra_logs or {}).items()})
         done = step + 1
         if cfg.eval_every is not None and data.eval and (
@@ -438,7 +439,7 @@ def train(model: nn.Module, tokenizer, method: TuningMethod, data, config: Train
         history.append(rec)
         if is_main and cfg.progress:
             post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
-            post.update({k: f"{v:.4g}" for k, v in rec.items() if k not in ("step", "loss", "tokens_per_s", "lr")})
+            post.update({k: f"{v:.4g}" for k, v in rec.items() if k not in ("step", "loss", "tokens_per_s", "lr", "step_s")})
             bar.set_postfix(post, refresh=False)
         bar.update(1)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total:
@@ -452,7 +453,8 @@ def train(model: nn.Module, tokenizer, method: TuningMethod, data, config: Train
     final_model.eval()
     result = {"history": history, "steps": history[-1]["step"] if history else start, "total_steps": total,
               "eval_loss": eval_loss, "fingerprint": fingerprint, "stopped": stopped,
-              "wall_s": time.perf_counter() - t_start, "world_size": world, "global_batch": global_bs}
+              "wall_s": time.perf_counter() - t_start, "world_size": world, "global_batch": global_bs,
+              "trainable_parameters": sum(p.numel() for p in params)}
     acc.wait_for_everyone()
     if is_main and not stopped:
         out_dir.mkdir(parents=True, exist_ok=True)

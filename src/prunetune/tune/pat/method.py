@@ -42,6 +42,7 @@ from .mask import TAU_HARD, n_keep_for
 from .shrink import PAT_ATTR, find_pat, save_shrunk, shrink_model
 
 ADAPTER_FILE = "pat_adapters.safetensors"
+MASK_INITS = ("zero", "activation")
 CONFIG_FILE = "pat_config.json"
 
 
@@ -54,6 +55,8 @@ class PATConfig:
     identity_loss: bool = True
     identity_weight: float = 1.0
     frozen_mask: bool = False          #: ablation: a fixed block (the last d − N_keep channels) fades out
+    mask_init: str = "zero"            #: "zero" (W_M = 0) or "activation" (warm start from channel energy)
+    mask_init_scale: float = 0.01      #: spread of the warm-started W_M (in units of standardised log-energy)
     lora_r: int = 8                    #: 0 disables LoRA (HSMs only)
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -65,6 +68,10 @@ class PATConfig:
             raise PrunetuneError(f"PAT hio_rank must be at least 1 (got {self.hio_rank})")
         if not 0 < self.milestone_frac <= 1:
             raise PrunetuneError(f"PAT milestone_frac must be in (0, 1] (got {self.milestone_frac})")
+        if self.mask_init not in MASK_INITS:
+            raise PrunetuneError(f"PAT mask_init must be one of {', '.join(MASK_INITS)} (got {self.mask_init})")
+        if self.mask_init != "zero" and self.frozen_mask:
+            raise PrunetuneError("PAT: a frozen mask has no learned W_M to initialise (drop --mask-init)")
         if self.lora_r < 0:
             raise PrunetuneError(f"LoRA r must be 0 (off) or positive (got {self.lora_r})")
         if not 0 <= self.lora_dropout < 1:
@@ -97,6 +104,19 @@ def check_model(model: nn.Module, config: PATConfig) -> tuple[int, int]:
     return d, n_keep
 
 
+def warm_start(scores: torch.Tensor | None, n_keep: int, scale: float) -> torch.Tensor:
+    """``W_M`` from channel importance: ``scale · (z − θ)`` with ``z`` the standardised log-energy and ``θ``
+    halfway between the ``n_keep``-th and the next score, so exactly the ``n_keep`` most important channels
+    start live (``L_active = 0``) and training only has to move the marginal ones across the threshold."""
+    if scores is None:
+        raise PrunetuneError("PAT mask_init='activation' needs channel scores (computed by tune() from the data)")
+    z = torch.log(scores.double().clamp_min(1e-30))
+    z = (z - z.mean()) / z.std().clamp_min(1e-12)
+    top = torch.sort(z, descending=True).values
+    theta = (top[n_keep - 1] + top[n_keep]) / 2 if n_keep < z.numel() else top[-1] - 1
+    return (scale * (z - theta)).float()
+
+
 def hsm_paths(model: nn.Module) -> list[str]:
     """Module paths whose outputs get an HSM: the token embedding, then each layer's residual writers."""
     a = get_adapter(model)
@@ -118,6 +138,8 @@ class PATMethod(TuningMethod):
         if config is not None and kwargs:
             raise TypeError("pass either a PATConfig or keyword arguments, not both")
         self.config = config if config is not None else PATConfig(**kwargs)
+        #: channel importance (d,) for ``mask_init="activation"``; set by the caller before ``prepare``
+        self.init_scores: torch.Tensor | None = None
 
     def fingerprint(self) -> dict:
         return {"method": self.name, **asdict(self.config)}
@@ -143,6 +165,9 @@ class PATMethod(TuningMethod):
         emb = get_adapter(model).embedding.weight
         pat = PATModules(d, r, n_keep, hsm_paths(model), frozen=cfg.frozen_mask,
                          milestone_frac=cfg.milestone_frac, device=emb.device)
+        if cfg.mask_init == "activation" and self.init_scores is not None:  # merge/resume load W_M instead
+            with torch.no_grad():
+                pat.mask.W_M.copy_(warm_start(self.init_scores, n_keep, cfg.mask_init_scale).to(pat.mask.W_M))
         model.add_module(PAT_ATTR, pat)
         pat.attach(model)  # after LoRA: the hooks sit on the LoRA-wrapped writers
         model.train(was_training)  # injected modules (LoRA dropout) follow the model's mode

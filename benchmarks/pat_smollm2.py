@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""PAT on SmolLM2-135M-Instruct vs its baselines at the same ratio and training budget, plus the speed of the
+shrunk models.
+
+    python benchmarks/pat_smollm2.py --ratios 0.2 0.25 0.3 --steps 60 --batch-size 8 --seq-len 256 \
+        --out benchmarks/results/pat_smollm2.json
+
+Runs (all with the same data, steps, batch, sequence length, seed and LoRA rank/targets):
+
+- ``lora``: LoRA on the dense model, merged (the accuracy ceiling; also the start of tune-then-prune);
+- ``pat:R``: PAT removing the fraction R of hidden channels (LoRA + HSMs + shared mask), exported shrunk, with
+  the mask warm-started from activation energy on the first training examples (``--mask-init activation``);
+- ``pat-zero:R``: the same with ``W_M = 0`` at the start, as published (for ``--zero-init-ratios``);
+- ``channel:R``: the dense model with the fraction R of hidden channels removed by activation importance
+  (``prunetune.tune.pat.channels``: energy of each channel at the output of every RMSNorm on C4
+  calibration windows), no training;
+- ``prune-then-tune:R``: LoRA on ``channel:R``, merged;
+- ``tune-then-prune:R``: ``lora`` with the fraction R of channels removed by the same importance.
+
+Every output is a plain HF checkpoint, evaluated the same way: WikiText-2 and C4 perplexity (512-token windows,
+the first ``--ppl-windows`` of each) and the zero-shot ``acc`` average over ``--tasks`` (first ``--limit``
+examples each). Training data: ``--data`` (default the 14k Alpaca records, loss on the response only).
+Speed: ``prunetune bench`` of dense vs the PAT models, interleaved in one run. Step time: PAT vs LoRA of about
+the same trainable size (rank chosen to match PAT's LoRA + HSM parameters), ``--timing-steps`` steps each,
+median seconds per step (first step excluded). Results are appended as they finish, so a killed benchmark
+continues where it stopped; ``--markdown`` prints the tables of a result file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+import torch  # noqa: E402
+
+import prunetune as pt  # noqa: E402
+from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
+
+TASKS = ["arc_easy", "arc_challenge", "boolq", "piqa", "winogrande", "openbookqa"]
+
+
+def evaluate(model_dir, a) -> dict:
+    r = pt.evaluate(str(model_dir), ppl=a.corpora, seqlen=512, max_windows=a.ppl_windows or None, tasks=a.tasks,
+                    limit=a.limit, device="cpu", progress=False)
+    zs = r.get("zeroshot")
+    row = {"ppl": {c: v["ppl"] for c, v in r["perplexity"].items()}, "eval_wall_s": r["manifest"]["wall_time_s"],
+           "parameters": r["manifest"]["model"].get("parameters")}
+    if zs:
+        row["zeroshot"] = {t: v["acc"] for t, v in zs["tasks"].items()}
+        row["zeroshot_avg"] = zs["average"]["acc"]
+    return row
+
+
+def _step_stats(rep: dict, a) -> dict:
+    step_s = [h["step_s"] for h in rep["history"][1:]]
+    return {"step_s_median": statistics.median(step_s) if step_s else None, "first_loss": rep["first_loss"],
+            "final_loss": rep["final_loss"], "final_eval_loss": rep["final_eval_loss"], "steps": rep["steps"],
+            "trainable_parameters": rep.get("trainable_parameters")}
+
+
+def run_tune(model, method, out, a, **kw) -> dict:
+    t = time.time()
+    rep = pt.tune(str(model), method=method, data=a.data, out=out, seq_len=a.seq_len, batch_size=a.batch_size,
+                  max_steps=kw.pop("steps", a.steps), seed=a.seed, lr=kw.pop("lr", a.lr), warmup=a.warmup,
+                  eval_size=a.eval_size, max_records=a.max_records, checkpoint_every=0, overwrite=True,
+                  device="cpu", progress=False, **kw)
+    return {"train_wall_s": round(time.time() - t, 1), "peak_rss_mb": rep["manifest"]["peak_rss_mb"],
+            **_step_stats(rep, a), **({"pat": {k: v for k, v in rep["pat"].items() if k != "kept_channels"}}
+                                     if rep.get("pat") else {})}
+
+
+def channel_prune(src, ratio, out, a) -> dict:
+    from prunetune.data.calibration import sample_calibration
+    from prunetune.io import load_model
+    from prunetune.tune.pat import save_shrunk
+    from prunetune.tune.pat.channels import prune_channels
+
+    model, tok, _ = load_model(str(src), dtype="float32", device="cpu")
+    calib, proto = sample_calibration(tok, "c4", a.calib_samples, a.calib_seqlen, seed=a.seed)
+    t = time.time()
+    shrunk, info = prune_channels(model, ratio, importance="activation", calib=calib)
+    save_shrunk(shrunk, tok, out)
+    info.pop("kept_channels")
+    return {**info, "calibration": proto, "prune_wall_s": round(time.time() - t, 1)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dense", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.25, 0.3])
+    ap.add_argument("--data", default="alpaca")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=2e-4, help="one learning rate for every run (LoRA, HSMs, mask)")
+    ap.add_argument("--warmup", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-size", type=int, default=64)
+    ap.add_argument("--max-records", type=int, default=None)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--ppl-windows", type=int, default=32)
+    ap.add_argument("--corpora", nargs="*", default=["wikitext2", "c4"])
+    ap.add_argument("--tasks", nargs="*", default=TASKS)
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--timing-steps", type=int, default=6)
+    ap.add_argument("--zero-init-ratios", nargs="*", type=float, default=[0.25])
+    ap.add_argument("--skip", nargs="*", default=[], help="run keys to skip (e.g. channel:0.2)")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "pat"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pat_smollm2.json"))
+    ap.add_argument("--markdown", action="store_true")
+    a = ap.parse_args()
+    out, work = Path(a.out), Path(a.work)
+    if a.markdown:
+        print(markdown(json.loads(out.read_text())))
+        return
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    res = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
+    res["protocol"] = {
+        "dense": a.dense, "ratios": a.ratios,
+        "training": {"data": a.data, "steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
+                     "seed": a.seed, "lr": a.lr, "schedule": "cosine", "warmup": a.warmup,
+                     "held_out": a.eval_size, "max_records": a.max_records,
+                     "adapters": "LoRA r=8 alpha=16 dropout 0.05 on q/k/v/o/gate/up/down of every layer (all runs); "
+                                 "PAT adds 61 HSMs (HIO rank 29 = 5% of 576) and the shared mask, milestone 1/3; "
+                                 "warm start from the first 64 training examples, W_M spread 0.01"},
+        "channel_importance": f"activation energy at every RMSNorm output, C4 {a.calib_samples} x {a.calib_seqlen}, "
+                              f"seed {a.seed}",
+        "eval": {"perplexity": f"{', '.join(a.corpora)}; 512-token windows, first {a.ppl_windows}",
+                 "zeroshot": f"{', '.join(a.tasks)}; first {a.limit} examples each; acc; unweighted average"},
+        "dtype": "float32", "device": "cpu", "versions": versions(), "machine": machine(),
+        "command": " ".join(["python", "benchmarks/pat_smollm2.py", *sys.argv[1:]]),
+    }
+
+    def record(key, row):
+        res["runs"][key] = row
+        write_json_atomic(out, res)
+        print(key, json.dumps({k: v for k, v in row.items() if k not in ("calibration",)}), flush=True)
+
+    def todo(key):
+        return key not in res["runs"] and key not in a.skip
+
+    if todo("dense"):
+        record("dense", {"model": a.dense, **evaluate(a.dense, a)})
+    lora_dir = work / "lora"
+    if todo("lora"):
+        row = run_tune(a.dense, "lora", lora_dir, a, merge=True)
+        record("lora", {"model": str(lora_dir), **row, **evaluate(lora_dir, a)})
+    for r in a.ratios:
+        key = f"pat:{r}"
+        if todo(key):
+            d = work / f"pat-{r}"
+            row = run_tune(a.dense, "pat", d, a, ratio=r, mask_init="activation")
+            record(key, {"model": str(d), "ratio": r, "mask_init": "activation", **row, **evaluate(d, a)})
+        key = f"pat-zero:{r}"
+        if r in a.zero_init_ratios and todo(key):
+            d = work / f"pat-zero-{r}"
+            row = run_tune(a.dense, "pat", d, a, ratio=r, mask_init="zero")
+            record(key, {"model": str(d), "ratio": r, "mask_init": "zero", **row, **evaluate(d, a)})
+        key = f"channel:{r}"
+        cdir = work / f"channel-{r}"
+        if todo(key) or (todo(f"prune-then-tune:{r}") and not (cdir / "config.json").is_file()):
+            info = channel_prune(a.dense, r, cdir, a)
+            if todo(key):
+                record(key, {"model": str(cdir), **info, **evaluate(cdir, a)})
+        key = f"prune-then-tune:{r}"
+        if todo(key):
+            d = work / f"prune-then-tune-{r}"
+            row = run_tune(cdir, "lora", d, a, merge=True)
+            record(key, {"model": str(d), "ratio": r, **row, **evaluate(d, a)})
+        key = f"tune-then-prune:{r}"
+        if todo(key):
+            d = work / f"tune-then-prune-{r}"
+            info = channel_prune(lora_dir, r, d, a)
+            record(key, {"model": str(d), **info, **evaluate(d, a)})
+    if todo("step_time") and a.timing_steps > 1:
+        res["runs"]["step_time"] = step_time(a, work)
+        write_json_atomic(out, res)
+    print(markdown(res))
+
+
+def _trainable(model_dir, method, **kw) -> int:
+    from prunetune.io import load_model
+    from prunetune.tune.api import build_method, method_config
+
+    net, _, _ = load_model(str(model_dir), dtype="float32", device="cpu")
+    tm = build_method(method, method_config(method, **kw))
+    net = tm.prepare(net)
+    return sum(p.numel() for p in tm.trainable_parameters(net))
+
+
+def step_time(a, work) -> dict:
+    """PAT (LoRA r=8 + HSMs) vs LoRA whose rank gives about the same number of trainable parameters."""
+    r = 0.25
+    n_pat = _trainable(a.dense, "pat", ratio=r)
+    n_lora8 = _trainable(a.dense, "lora", lora_r=8)
+    rank = max(1, round(8 * n_pat / n_lora8))
+    n_lora = _trainable(a.dense, "lora", lora_r=rank)
+    out = {"ratio": r, "steps": a.timing_steps, "pat_trainable": n_pat, "lora_rank": rank, "lora_trainable": n_lora}
+    times = {}
+    for rnd in range(2):  # interleaved: PAT, LoRA, PAT, LoRA
+        for name, method, kw in (("pat", "pat", {"ratio": r, "mask_init": "activation"}),
+                                 ("lora", "lora", {"lora_r": rank})):
+            rep = run_tune(a.dense, method, work / f"timing-{name}", a, steps=a.timing_steps, **kw)
+            times.setdefault(name, []).append(rep["step_s_median"])
+    out["pat_step_s"] = statistics.median(times["pat"])
+    out["lora_step_s"] = statistics.median(times["lora"])
+    out["ratio_pat_over_lora"] = out["pat_step_s"] / out["lora_step_s"]
+    print("step_time", json.dumps(out), flush=True)
+    return out
+
+
+def markdown(res: dict) -> str:
+    runs = res["runs"]
+    dense = runs.get("dense")
+    if dense is None:
+        return "(no results yet)"
+    corpora = list(dense["ppl"])
+    zs = "zeroshot_avg" in dense
+    head = ["ratio", "method", "hidden", "params (M)"] + [f"{c} ppl" for c in corpora] + (["zero-shot avg"] if zs else []) \
+        + ["train s/step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def row(ratio, label, r):
+        hid = r.get("hidden_size") or (r.get("pat") or {}).get("hidden_size") or "576"
+        cells = [ratio, label, str(hid), f"{(r.get('parameters') or 0) / 1e6:.1f}"]
+        cells += [f"{r['ppl'][c]:.2f}" for c in corpora]
+        if zs:
+            cells.append(f"{r['zeroshot_avg']:.4f}" if "zeroshot_avg" in r else "-")
+        cells.append(f"{r['step_s_median']:.2f}" if r.get("step_s_median") else "-")
+        return "| " + " | ".join(cells) + " |"
+
+    lines.append(row("0", "dense", dense))
+    if "lora" in runs:
+        lines.append(row("0", "LoRA (ceiling)", runs["lora"]))
+    ratios = sorted({k.split(":", 1)[1] for k in runs if k.startswith(("pat:", "pat-zero:", "channel:"))}, key=float)
+    for rt in ratios:
+        for m, label in (("channel", "channel prune, no tuning"), ("tune-then-prune", "tune-then-prune"),
+                         ("prune-then-tune", "prune-then-tune"), ("pat-zero", "PAT, W_M = 0 init (as published)"),
+                         ("pat", "**PAT** (warm-started mask)")):
+            if f"{m}:{rt}" in runs:
+                lines.append(row(rt, label, runs[f"{m}:{rt}"]))
+    st = runs.get("step_time")
+    if st:
+        lines.append("")
+        lines.append(f"Step time, same data and batch, {st['steps']} steps each (interleaved twice, median): PAT "
+                     f"(ratio {st['ratio']}, {st['pat_trainable'] / 1e6:.2f}M trainable) {st['pat_step_s']:.2f} s vs "
+                     f"LoRA r={st['lora_rank']} ({st['lora_trainable'] / 1e6:.2f}M trainable) {st['lora_step_s']:.2f} s: "
+                     f"**{st['ratio_pat_over_lora']:.2f}x**")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Structured pruning of the hidden dimension without training: the baselines PAT is measured against.
+
+*Prune-then-tune* removes channels from the dense model and then recovers with LoRA; *tune-then-prune*
+tunes the dense model with LoRA, merges, and then removes channels. Both choose the channels with one
+data-driven structured importance and remove them with PAT's exact shrink, so the only thing that differs
+from PAT is *how the channels are chosen and when the model adapts to losing them*.
+
+Importance of hidden channel ``j`` (``activation``): every reader of the residual stream (q/k/v, gate/up,
+the LM head) sees it through an RMSNorm, so the natural measure is the energy the readers receive,
+
+    score_j = Σ_norms  mean_tokens  y_j²          (y = the output of that RMSNorm, gain included)
+
+summed over every layer norm and the final norm on calibration windows. ``magnitude`` instead scores
+``Σ_norms g_j²`` plus the squared column norms of every reader (no data). The ``round((1 − ratio) · d)``
+highest scores are kept (ties to the lower index, as PAT's final top-k).
+
+Removal: the model gets PAT's modules with identity ``D`` (no training) and a binary gate on the kept
+channels; :func:`~prunetune.tune.pat.shrink.shrink_model` then slices writers, readers and norms and
+rescales the norm gains and epsilon, so the smaller model computes exactly what the masked model computes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...errors import PrunetuneError
+from ...models import get_adapter
+from .mask import n_keep_for, topk_keep
+
+IMPORTANCE = ("activation", "magnitude")
+
+
+@torch.no_grad()
+def channel_scores(model: nn.Module, importance: str = "activation", calib=None, batch_size: int = 4) -> torch.Tensor:
+    """Importance (d,) of each hidden channel; ``calib`` for ``activation``: token ids, (n, seqlen) or a list
+    of 1-D sequences of any length (run one at a time)."""
+    a = get_adapter(model)
+    if a.norm_kind != "rmsnorm":
+        raise PrunetuneError(f"channel pruning needs RMSNorm (model type '{model.config.model_type}' uses "
+                             f"{a.norm_kind})")
+    norm_paths = [f"{a.layers_path}.{i}.{n}" for i in range(a.num_layers) for n in a.layer_norms]
+    norm_paths.append(a.final_norm_path)
+    d = a.hidden_size
+    if importance == "magnitude":
+        s = torch.zeros(d, dtype=torch.float64)
+        for p in norm_paths:
+            s += model.get_submodule(p).weight.detach().double().cpu() ** 2
+        readers = [f"{a.layers_path}.{i}.{r}" for i in range(a.num_layers) for r in a.residual_readers]
+        for p in readers + [a.lm_head_path]:
+            s += (model.get_submodule(p).weight.detach().double().cpu() ** 2).sum(0)
+        return s
+    if importance != "activation":
+        raise PrunetuneError(f"unknown channel importance '{importance}' (use {', '.join(IMPORTANCE)})")
+    if isinstance(calib, torch.Tensor):
+        calib = [calib[b:b + batch_size] for b in range(0, calib.shape[0], batch_size)] if calib.numel() else []
+    else:
+        calib = [torch.as_tensor(c, dtype=torch.long).reshape(1, -1) for c in (calib or []) if len(c)]
+    if not calib:
+        raise PrunetuneError("activation-based channel importance needs calibration token ids")
+    device = a.embedding.weight.device
+    sums = torch.zeros(d, dtype=torch.float64)
+    count = 0
+
+    def hook(_m, _i, out):
+        y = out[0] if isinstance(out, tuple) else out
+        sums.add_(y.detach().double().pow(2).reshape(-1, d).sum(0).cpu())
+
+    handles = [model.get_submodule(p).register_forward_hook(hook) for p in norm_paths]
+    was_training = model.training
+    model.eval()
+    try:
+        for ids in calib:
+            model(input_ids=ids.to(device), use_cache=False)
+            count += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return sums / max(1, count)
+
+
+def keep_channels(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The ``round((1 − ratio) · d)`` kept channels (ascending) by score; ties to the lower index."""
+    if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise PrunetuneError(f"channel pruning ratio must be strictly between 0 and 1 (got {ratio})")
+    d = scores.numel()
+    k = n_keep_for(d, ratio)
+    if k >= d or k < 1:
+        raise PrunetuneError(f"ratio {ratio} of hidden size {d} keeps {k} channels: nothing (or everything) removed")
+    return topk_keep(scores, k)
+
+
+@torch.no_grad()
+def remove_channels(model: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """A new plain model with hidden size ``len(keep)`` equal to ``model`` with the other channels zeroed
+    at every writer of the residual stream (exact: PAT's shrink with identity HSMs)."""
+    from .method import PATConfig, PATMethod
+    from .shrink import find_pat, shrink_model
+
+    d = get_adapter(model).hidden_size
+    keep = torch.as_tensor(keep, dtype=torch.long).flatten().cpu()
+    if keep.numel() == 0 or keep.unique().numel() != keep.numel() or int(keep.min()) < 0 or int(keep.max()) >= d:
+        raise PrunetuneError(f"kept channels must be distinct indices in [0, {d})")
+    ratio = 1 - keep.numel() / d
+    import copy
+
+    work = copy.deepcopy(model)
+    work = PATMethod(PATConfig(ratio=ratio, lora_r=0)).prepare(work)
+    pat = find_pat(work)
+    if pat.mask.n_keep != keep.numel():
+        raise PrunetuneError(f"cannot keep {keep.numel()} of {d} channels exactly")
+    gate = torch.zeros(d, dtype=torch.float32, device=pat.mask.W_M.device)
+    gate[keep.to(gate.device)] = 1.0
+    pat.mask.final = gate
+    shrunk = shrink_model(work)
+    shrunk._prunetune_pat_info["method"] = "channel-prune"
+    return shrunk
+
+
+def prune_channels(model: nn.Module, ratio: float, *, importance: str = "activation",
+                   calib: torch.Tensor | None = None, batch_size: int = 4) -> tuple[nn.Module, dict]:
+    """Remove the fraction ``ratio`` of hidden channels with the lowest ``importance``; returns
+    ``(smaller plain model, info)``."""
+    scores = channel_scores(model, importance, calib, batch_size=batch_size)
+    keep = keep_channels(scores, ratio)
+    shrunk = remove_channels(model, keep)
+    info = {"method": "channel-prune", "importance": importance, "ratio": ratio,
+            "hidden_size_before": int(scores.numel()), "hidden_size": int(keep.numel()),
+            "kept_channels": keep.tolist(),
+            "calibration_tokens": _tokens(calib) if importance == "activation" else 0}
+    return shrunk, info
+
+
+def _tokens(calib) -> int:
+    if isinstance(calib, torch.Tensor):
+        return int(calib.numel())
+    return sum(len(c) for c in calib or [])
