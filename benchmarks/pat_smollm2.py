@@ -45,8 +45,9 @@ from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E40
 TASKS = ["arc_easy", "arc_challenge", "boolq", "piqa", "winogrande", "openbookqa"]
 
 
-def evaluate(model_dir, a) -> dict:
-    r = pt.evaluate(str(model_dir), ppl=a.corpora, seqlen=512, max_windows=a.ppl_windows or None, tasks=a.tasks,
+def evaluate(model_dir, a, zeroshot: bool = True) -> dict:
+    r = pt.evaluate(str(model_dir), ppl=a.corpora, seqlen=512, max_windows=a.ppl_windows or None,
+                    tasks=a.tasks if zeroshot else None,
                     limit=a.limit, device="cpu", progress=False)
     zs = r.get("zeroshot")
     row = {"ppl": {c: v["ppl"] for c, v in r["perplexity"].items()}, "eval_wall_s": r["manifest"]["wall_time_s"],
@@ -111,6 +112,8 @@ def main():
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--timing-steps", type=int, default=6)
     ap.add_argument("--zero-init-ratios", nargs="*", type=float, default=[0.25])
+    ap.add_argument("--untuned-zeroshot", action="store_true",
+                    help="also score the untuned channel-pruned models zero-shot (default: perplexity only)")
     ap.add_argument("--skip", nargs="*", default=[], help="run keys to skip (e.g. channel:0.2)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "pat"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pat_smollm2.json"))
@@ -129,7 +132,7 @@ def main():
                      "held_out": a.eval_size, "max_records": a.max_records,
                      "adapters": "LoRA r=8 alpha=16 dropout 0.05 on q/k/v/o/gate/up/down of every layer (all runs); "
                                  "PAT adds 61 HSMs (HIO rank 29 = 5% of 576) and the shared mask, milestone 1/3; "
-                                 "warm start from the first 64 training examples, W_M spread 0.01"},
+                                 "warm start from the first 64 training examples, W_M spread 0.5"},
         "channel_importance": f"activation energy at every RMSNorm output, C4 {a.calib_samples} x {a.calib_seqlen}, "
                               f"seed {a.seed}",
         "eval": {"perplexity": f"{', '.join(a.corpora)}; 512-token windows, first {a.ppl_windows}",
@@ -158,17 +161,12 @@ def main():
             d = work / f"pat-{r}"
             row = run_tune(a.dense, "pat", d, a, ratio=r, mask_init="activation")
             record(key, {"model": str(d), "ratio": r, "mask_init": "activation", **row, **evaluate(d, a)})
-        key = f"pat-zero:{r}"
-        if r in a.zero_init_ratios and todo(key):
-            d = work / f"pat-zero-{r}"
-            row = run_tune(a.dense, "pat", d, a, ratio=r, mask_init="zero")
-            record(key, {"model": str(d), "ratio": r, "mask_init": "zero", **row, **evaluate(d, a)})
         key = f"channel:{r}"
         cdir = work / f"channel-{r}"
         if todo(key) or (todo(f"prune-then-tune:{r}") and not (cdir / "config.json").is_file()):
             info = channel_prune(a.dense, r, cdir, a)
             if todo(key):
-                record(key, {"model": str(cdir), **info, **evaluate(cdir, a)})
+                record(key, {"model": str(cdir), **info, **evaluate(cdir, a, zeroshot=a.untuned_zeroshot)})
         key = f"prune-then-tune:{r}"
         if todo(key):
             d = work / f"prune-then-tune-{r}"
@@ -179,6 +177,12 @@ def main():
             d = work / f"tune-then-prune-{r}"
             info = channel_prune(lora_dir, r, d, a)
             record(key, {"model": str(d), **info, **evaluate(d, a)})
+    for r in a.zero_init_ratios:  # the published zero init, after the main table
+        key = f"pat-zero:{r}"
+        if todo(key):
+            d = work / f"pat-zero-{r}"
+            row = run_tune(a.dense, "pat", d, a, ratio=r, mask_init="zero")
+            record(key, {"model": str(d), "ratio": r, "mask_init": "zero", **row, **evaluate(d, a)})
     if todo("step_time") and a.timing_steps > 1:
         res["runs"]["step_time"] = step_time(a, work)
         write_json_atomic(out, res)

@@ -56,7 +56,9 @@ class PATConfig:
     identity_weight: float = 1.0
     frozen_mask: bool = False          #: ablation: a fixed block (the last d − N_keep channels) fades out
     mask_init: str = "zero"            #: "zero" (W_M = 0) or "activation" (warm start from channel energy)
-    mask_init_scale: float = 0.01      #: spread of the warm-started W_M (in units of standardised log-energy)
+    mask_init_scale: float = 0.5       #: spread of the warm-started W_M (per standardised log-energy unit):
+                                       #: large enough that τ(s)·W_M fades weak channels out gradually
+                                       #: before the milestone instead of all at once at s0
     lora_r: int = 8                    #: 0 disables LoRA (HSMs only)
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -107,7 +109,10 @@ def check_model(model: nn.Module, config: PATConfig) -> tuple[int, int]:
 def warm_start(scores: torch.Tensor | None, n_keep: int, scale: float) -> torch.Tensor:
     """``W_M`` from channel importance: ``scale · (z − θ)`` with ``z`` the standardised log-energy and ``θ``
     halfway between the ``n_keep``-th and the next score, so exactly the ``n_keep`` most important channels
-    start live (``L_active = 0``) and training only has to move the marginal ones across the threshold."""
+    start live (``L_active = 0``). As ``τ(s)`` grows the gate ``sigmoid(τ W_M)`` closes on the weakest
+    channels first, so the model adapts while they fade; near-ties stay close to 0 and training decides them.
+    (With ``W_M`` near 0, as from a zero init, the gate is uniform until ``s0`` and the whole cut happens at
+    once: a uniform gate is a no-op behind RMSNorm.)"""
     if scores is None:
         raise PrunetuneError("PAT mask_init='activation' needs channel scores (computed by tune() from the data)")
     z = torch.log(scores.double().clamp_min(1e-30))
