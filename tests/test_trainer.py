@@ -192,6 +192,7 @@ _DDP_SCRIPT = textwrap.dedent("""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from prunetune.paths import DEFAULT_MODEL, TINYSTORIES
     from prunetune.tune.data import load_text_data
+    from prunetune.tune.pat import PATConfig, PATMethod
     from prunetune.tune.spp import SPPConfig, SPPMethod
     from prunetune.tune.trainer import TrainConfig, train
     torch.set_num_threads(1)
@@ -201,13 +202,17 @@ _DDP_SCRIPT = textwrap.dedent("""
     batch = int(sys.argv[2])
     cfg = TrainConfig(lr=1e-2, max_steps=4, batch_size=batch, grad_accum=2, seed=3, eval_every=2,
                       progress=False, device="cpu")
-    r = train(model, tok, SPPMethod(SPPConfig(dropout=0.0), on_dense="ignore"), data, cfg, sys.argv[1])
+    method = (SPPMethod(SPPConfig(dropout=0.0), on_dense="ignore") if sys.argv[3] == "spp"
+              else PATMethod(PATConfig(ratio=0.25, lora_r=4, lora_dropout=0.0)))
+    r = train(model, tok, method, data, cfg, sys.argv[1])
     if r["world_size"] == 1 or torch.distributed.get_rank() == 0:
-        json.dump({"history": r["history"], "world": r["world_size"]}, open(sys.argv[1] + "/h.json", "w"))
+        keep = r["model"].prunetune_pat.mask.keep_indices().tolist() if sys.argv[3] == "pat" else None
+        json.dump({"history": r["history"], "world": r["world_size"], "keep": keep}, open(sys.argv[1] + "/h.json", "w"))
 """)
 
 
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("method", ["spp", "pat"])
+def test_two_processes_match_one(tmp_path, method):
     script = tmp_path / "ddp_run.py"
     script.write_text(_DDP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -217,10 +222,10 @@ def test_two_processes_match_one(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    p = subprocess.run(launch + [str(script), str(tmp_path / "two"), "2"], env=env, capture_output=True,
+    p = subprocess.run(launch + [str(script), str(tmp_path / "two"), "2", method], env=env, capture_output=True,
                        text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
-    p = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4"], env=env, capture_output=True,
+    p = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4", method], env=env, capture_output=True,
                        text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "h.json").read_text())
@@ -232,3 +237,4 @@ def test_two_processes_match_one(tmp_path):
         if "eval_loss" in a:
             assert abs(a["eval_loss"] - b["eval_loss"]) <= 1e-4 * abs(a["eval_loss"])
     assert len(one["history"]) == len(two["history"]) == 4
+    assert one["keep"] == two["keep"]  # PAT: the same channels survive
