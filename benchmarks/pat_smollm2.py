@@ -112,6 +112,9 @@ def main():
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--timing-steps", type=int, default=6)
     ap.add_argument("--zero-init-ratios", nargs="*", type=float, default=[0.25])
+    ap.add_argument("--variant", action="append", default=[],
+                    help="an extra PAT run NAME:RATIO:SCALE:IDLOSS (warm start spread SCALE, identity loss 1/0), "
+                         "recorded as pat-NAME:RATIO; e.g. s0.1-noid:0.25:0.1:0")
     ap.add_argument("--untuned-zeroshot", action="store_true",
                     help="also score the untuned channel-pruned models zero-shot (default: perplexity only)")
     ap.add_argument("--skip", nargs="*", default=[], help="run keys to skip (e.g. channel:0.2)")
@@ -132,7 +135,7 @@ def main():
                      "held_out": a.eval_size, "max_records": a.max_records,
                      "adapters": "LoRA r=8 alpha=16 dropout 0.05 on q/k/v/o/gate/up/down of every layer (all runs); "
                                  "PAT adds 61 HSMs (HIO rank 29 = 5% of 576) and the shared mask, milestone 1/3; "
-                                 "warm start from the first 64 training examples, W_M spread 0.5"},
+                                 "warm start from the first 64 training examples, W_M spread 0.5 unless stated"},
         "channel_importance": f"activation energy at every RMSNorm output, C4 {a.calib_samples} x {a.calib_seqlen}, "
                               f"seed {a.seed}",
         "eval": {"perplexity": f"{', '.join(a.corpora)}; 512-token windows, first {a.ppl_windows}",
@@ -177,6 +180,15 @@ def main():
             d = work / f"tune-then-prune-{r}"
             info = channel_prune(lora_dir, r, d, a)
             record(key, {"model": str(d), **info, **evaluate(d, a)})
+    for v in a.variant:
+        name, r, scale, idl = v.split(":")
+        key = f"pat-{name}:{float(r)}"
+        if todo(key):
+            d = work / f"pat-{name}-{r}"
+            row = run_tune(a.dense, "pat", d, a, ratio=float(r), mask_init="activation", mask_init_scale=float(scale),
+                           no_identity_loss=idl == "0")
+            record(key, {"model": str(d), "ratio": float(r), "mask_init": "activation", "mask_init_scale": float(scale),
+                         "identity_loss": idl != "0", **row, **evaluate(d, a)})
     for r in a.zero_init_ratios:  # the published zero init, after the main table
         key = f"pat-zero:{r}"
         if todo(key):
@@ -220,6 +232,19 @@ def step_time(a, work) -> dict:
     return out
 
 
+def _hidden(model_dir) -> str:
+    try:
+        return str(json.loads((Path(model_dir) / "config.json").read_text())["hidden_size"])
+    except (OSError, ValueError, KeyError):
+        return "?"
+
+
+def _avg_without(r: dict, task: str) -> float:
+    """Zero-shot average without one task (BoolQ's yes/no prior flips between models and dominates small samples)."""
+    accs = [v for t, v in r["zeroshot"].items() if t != task]
+    return sum(accs) / len(accs)
+
+
 def markdown(res: dict) -> str:
     runs = res["runs"]
     dense = runs.get("dense")
@@ -227,16 +252,17 @@ def markdown(res: dict) -> str:
         return "(no results yet)"
     corpora = list(dense["ppl"])
     zs = "zeroshot_avg" in dense
-    head = ["ratio", "method", "hidden", "params (M)"] + [f"{c} ppl" for c in corpora] + (["zero-shot avg"] if zs else []) \
-        + ["train s/step"]
+    head = ["ratio", "method", "hidden", "params (M)"] + [f"{c} ppl" for c in corpora] \
+        + (["zero-shot avg", "avg w/o BoolQ"] if zs else []) + ["train s/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def row(ratio, label, r):
-        hid = r.get("hidden_size") or (r.get("pat") or {}).get("hidden_size") or "576"
+        hid = r.get("hidden_size") or (r.get("pat") or {}).get("hidden_size") or _hidden(r["model"])
         cells = [ratio, label, str(hid), f"{(r.get('parameters') or 0) / 1e6:.1f}"]
         cells += [f"{r['ppl'][c]:.2f}" for c in corpora]
         if zs:
             cells.append(f"{r['zeroshot_avg']:.4f}" if "zeroshot_avg" in r else "-")
+            cells.append(f"{_avg_without(r, 'boolq'):.4f}" if "zeroshot" in r else "-")
         cells.append(f"{r['step_s_median']:.2f}" if r.get("step_s_median") else "-")
         return "| " + " | ".join(cells) + " |"
 
@@ -250,6 +276,10 @@ def markdown(res: dict) -> str:
                          ("pat", "**PAT** (warm-started mask)")):
             if f"{m}:{rt}" in runs:
                 lines.append(row(rt, label, runs[f"{m}:{rt}"]))
+        for k, r in runs.items():
+            if k.startswith("pat-") and not k.startswith("pat-zero:") and k.split(":", 1)[1] == rt:
+                lines.append(row(rt, f"PAT, warm start spread {r['mask_init_scale']}"
+                                     f"{'' if r['identity_loss'] else ', no identity loss'}", r))
     st = runs.get("step_time")
     if st:
         lines.append("")

@@ -127,24 +127,31 @@ def _gap(dense, pruned, tuned, higher_better=False):
     return ((tuned - pruned) if higher_better else (pruned - tuned)) / span
 
 
+def _no_boolq(r: dict) -> float:
+    """Zero-shot average without BoolQ, whose yes/no prior flips between models and dominates small samples."""
+    accs = [v for t, v in r["zeroshot"].items() if t != "boolq"]
+    return sum(accs) / len(accs)
+
+
 def markdown(res: dict) -> str:
     runs = res["runs"]
     dense = runs["dense"]
     corpora = list(dense["ppl"])
-    head = ["model", "method"] + [f"{c} ppl" for c in corpora] + ["zero-shot avg"] \
-        + [f"gap recovered ({c})" for c in corpora] + ["gap recovered (zero-shot)", "sparsity after merge",
+    head = ["model", "method"] + [f"{c} ppl" for c in corpora] + ["zero-shot avg", "avg w/o BoolQ"] \
+        + [f"gap recovered ({c})" for c in corpora] + ["gap recovered (zero-shot w/o BoolQ)", "sparsity after merge",
                                                         "s/step", "x LoRA step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def row(label, method, r, base=None):
-        cells = [label, method] + [f"{r['ppl'][c]:.2f}" for c in corpora] + [f"{r['zeroshot_avg']:.4f}"]
+        cells = [label, method] + [f"{r['ppl'][c]:.2f}" for c in corpora] + [f"{r['zeroshot_avg']:.4f}",
+                                                                             f"{_no_boolq(r):.4f}"]
         if base is None:
             cells += ["-"] * (len(corpora) + 1)
         else:
             for c in corpora:
                 g = _gap(dense["ppl"][c], base["ppl"][c], r["ppl"][c])
                 cells.append("-" if g is None else f"{g:.0%}")
-            g = _gap(dense["zeroshot_avg"], base["zeroshot_avg"], r["zeroshot_avg"], higher_better=True)
+            g = _gap(_no_boolq(dense), _no_boolq(base), _no_boolq(r), higher_better=True)
             cells.append("-" if g is None else f"{g:.0%}")
         sp = (r.get("sparsity") or {}).get("after_merge")
         cells.append("-" if sp is None else f"{sp:.4f}")

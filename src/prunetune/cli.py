@@ -116,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-init", default="zero", choices=["zero", "activation"],
                    help="pat: W_M starts at 0 (as published) or warm-started from each channel's activation energy "
                         "on the first training examples (default zero)")
+    p.add_argument("--mask-init-scale", type=float, default=0.5,
+                   help="pat, --mask-init activation: spread of the initial mask logits (default 0.5)")
     p.add_argument("--on-dense", default="warn", help="spp on a dense model: warn (default) | error | ignore")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run of the same settings")
@@ -225,7 +227,7 @@ def _cmd_tune(a):
                checkpoint_every=a.checkpoint_every, merge=a.merge, ratio=a.ratio, spp_groups=a.spp_groups,
                spp_r=a.spp_r, spp_alpha=a.spp_alpha, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                hio_rank=a.hio_rank, no_identity_loss=a.no_identity_loss, frozen_mask=a.frozen_mask,
-               mask_init=a.mask_init, on_dense=a.on_dense, dtype=a.dtype, device=a.device, overwrite=a.overwrite, resume=a.resume,
+               mask_init=a.mask_init, mask_init_scale=a.mask_init_scale, on_dense=a.on_dense, dtype=a.dtype, device=a.device, overwrite=a.overwrite, resume=a.resume,
                progress=not a.no_progress)
     print(summary(res))
     print(f"wrote {a.out}")

@@ -142,7 +142,7 @@ def _device(device) -> str:
 
 def method_config(method: str, *, spp_r=16, spp_alpha=32.0, spp_groups=16, spp_dropout=0.05, lora_r=8,
                   lora_alpha=16.0, lora_dropout=0.05, ratio=0.25, hio_rank=None, identity_loss=True,
-                  frozen_mask=False, mask_init="zero") -> dict:
+                  frozen_mask=False, mask_init="zero", mask_init_scale=0.5) -> dict:
     """The method's configuration as a plain dict (validated), as recorded next to the adapters."""
     if method == "spp":
         from .spp import SPPConfig
@@ -159,7 +159,7 @@ def method_config(method: str, *, spp_r=16, spp_alpha=32.0, spp_groups=16, spp_d
     if ratio is None:
         ratio = 0.25
     return asdict(PATConfig(ratio=ratio, hio_rank=hio_rank, identity_loss=identity_loss, frozen_mask=frozen_mask,
-                            mask_init=mask_init, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout))
+                            mask_init=mask_init, mask_init_scale=mask_init_scale, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout))
 
 
 def build_method(method: str, config: dict):
@@ -302,7 +302,7 @@ def tune(model=None, *, method: str, data, out, seq_len: int = 256, batch_size: 
          spp_r: int = 16, spp_alpha: float = 32.0, spp_dropout: float = 0.05, lora_r: int = 8,
          lora_alpha: float = 16.0, lora_dropout: float = 0.05, hio_rank: int | None = None,
          no_identity_loss: bool = False, frozen_mask: bool = False, mask_init: str = "zero",
-         mask_init_examples: int = 64, on_dense: str = "warn",
+         mask_init_examples: int = 64, mask_init_scale: float = 0.5, on_dense: str = "warn",
          dtype: str = "float32", device: str | None = None, overwrite: bool = False, resume: bool = False,
          progress: bool = True) -> dict:
     """Fine-tune ``model`` with ``method`` on ``data`` and write adapters (+ a plain checkpoint) to ``out``.
@@ -316,7 +316,8 @@ def tune(model=None, *, method: str, data, out, seq_len: int = 256, batch_size: 
     ``batch_size · grad_accum`` (· processes). ``lr`` None: 4e-3 for spp, 2e-4 for lora, 5e-5 for pat.
     ``max_steps`` overrides ``epochs``. ``merge``: also export the merged checkpoint (spp/lora).
     ``mask_init`` (pat): ``zero`` (W_M = 0, as published) or ``activation`` (warm start: the channels with the
-    most energy at the RMSNorm outputs on the first ``mask_init_examples`` training examples start live).
+    most energy at the RMSNorm outputs on the first ``mask_init_examples`` training examples start live;
+    ``mask_init_scale`` spreads W_M: larger fades weak channels out earlier and faster).
     ``on_dense``: what to do when SPP is given a dense model ("warn", "error", "ignore").
     ``resume``: continue the interrupted run of the same settings into the same ``out``.
 
@@ -338,7 +339,7 @@ def tune(model=None, *, method: str, data, out, seq_len: int = 256, batch_size: 
     mcfg = method_config(method, spp_r=spp_r, spp_alpha=spp_alpha, spp_groups=spp_groups, spp_dropout=spp_dropout,
                          lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, ratio=ratio,
                          hio_rank=hio_rank, identity_loss=not no_identity_loss, frozen_mask=frozen_mask,
-                         mask_init=mask_init)
+                         mask_init=mask_init, mask_init_scale=mask_init_scale)
     device = _device(device)
     lr = DEFAULT_LR[method] if lr is None else float(lr)
     tcfg = TrainConfig(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,

@@ -72,6 +72,9 @@ class PATConfig:
             raise PrunetuneError(f"PAT milestone_frac must be in (0, 1] (got {self.milestone_frac})")
         if self.mask_init not in MASK_INITS:
             raise PrunetuneError(f"PAT mask_init must be one of {', '.join(MASK_INITS)} (got {self.mask_init})")
+        if not (isinstance(self.mask_init_scale, (int, float)) and math.isfinite(self.mask_init_scale)
+                and self.mask_init_scale > 0):
+            raise PrunetuneError(f"PAT mask_init_scale must be positive (got {self.mask_init_scale})")
         if self.mask_init != "zero" and self.frozen_mask:
             raise PrunetuneError("PAT: a frozen mask has no learned W_M to initialise (drop --mask-init)")
         if self.lora_r < 0:
