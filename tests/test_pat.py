@@ -329,3 +329,19 @@ def test_warm_start_makes_exactly_the_top_channels_live_and_leaves_the_model_unc
         warm_start(None, 24, 0.01)
     with pytest.raises(PrunetuneError, match="mask_init"):
         PATConfig(mask_init="random")
+
+
+def test_kept_count_moves_to_a_hidden_size_transformers_can_load(tmp_path):
+    """Llama configs need hidden_size % num_attention_heads == 0: ratio 0.2 of 32 (26 channels) becomes 28
+    (nearest multiple of 4, ties to the larger); Qwen2 accepts 26 as is. Both shrink and load back."""
+    from conftest import tiny_model as tm
+
+    for family, want in (("llama", 28), ("qwen2", 26)):
+        model = tm(family)
+        m = PATMethod(PATConfig(ratio=0.2, lora_r=0))
+        model = m.prepare(model)
+        assert find_pat(model).mask.n_keep == want
+        shrunk = shrink_model(model)
+        shrunk.save_pretrained(tmp_path / family)
+        back = AutoModelForCausalLM.from_pretrained(tmp_path / family)
+        assert back.config.hidden_size == want

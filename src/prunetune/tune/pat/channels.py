@@ -80,12 +80,18 @@ def channel_scores(model: nn.Module, importance: str = "activation", calib=None,
     return sums / max(1, count)
 
 
-def keep_channels(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """The ``round((1 − ratio) · d)`` kept channels (ascending) by score; ties to the lower index."""
+def keep_channels(scores: torch.Tensor, ratio: float, model_config=None) -> torch.Tensor:
+    """The kept channels (ascending) by score, ties to the lower index: ``round((1 − ratio) · d)`` of them,
+    or with ``model_config`` the count PAT keeps (moved to a hidden size the family can load)."""
     if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise PrunetuneError(f"channel pruning ratio must be strictly between 0 and 1 (got {ratio})")
     d = scores.numel()
-    k = n_keep_for(d, ratio)
+    if model_config is not None:
+        from .method import keep_count
+
+        k = keep_count(model_config, d, ratio, what="channel pruning ratio")
+    else:
+        k = n_keep_for(d, ratio)
     if k >= d or k < 1:
         raise PrunetuneError(f"ratio {ratio} of hidden size {d} keeps {k} channels: nothing (or everything) removed")
     return topk_keep(scores, k)
@@ -123,7 +129,7 @@ def prune_channels(model: nn.Module, ratio: float, *, importance: str = "activat
     """Remove the fraction ``ratio`` of hidden channels with the lowest ``importance``; returns
     ``(smaller plain model, info)``."""
     scores = channel_scores(model, importance, calib, batch_size=batch_size)
-    keep = keep_channels(scores, ratio)
+    keep = keep_channels(scores, ratio, model.config)
     shrunk = remove_channels(model, keep)
     info = {"method": "channel-prune", "importance": importance, "ratio": ratio,
             "hidden_size_before": int(scores.numel()), "hidden_size": int(keep.numel()),

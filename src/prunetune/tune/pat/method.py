@@ -27,6 +27,7 @@ per head the heads can no longer attend independently.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +40,9 @@ from ...models import get_adapter
 from ..trainer import TuningMethod
 from .hsm import PATModules, default_rank
 from .mask import TAU_HARD, n_keep_for
-from .shrink import PAT_ATTR, find_pat, save_shrunk, shrink_model
+from .shrink import PAT_ATTR, choose_hidden_size, find_pat, loadable_hidden_size, save_shrunk, shrink_model
+
+log = logging.getLogger("prunetune")
 
 ADAPTER_FILE = "pat_adapters.safetensors"
 MASK_INITS = ("zero", "activation")
@@ -94,15 +97,7 @@ def check_model(model: nn.Module, config: PATConfig) -> tuple[int, int]:
     if getattr(model.config, "rms_norm_eps", None) is None:
         raise PrunetuneError(f"PAT needs RMSNorm with 'rms_norm_eps' in the config ({model.config.model_type})")
     d = adapter.hidden_size
-    n_keep = n_keep_for(d, config.ratio)
-    if n_keep >= d:
-        raise PrunetuneError(f"PAT ratio {config.ratio} removes no channel of hidden size {d}")
-    heads = int(getattr(model.config, "num_attention_heads", 1) or 1)
-    if n_keep < heads:
-        raise PrunetuneError(
-            f"PAT ratio {config.ratio} keeps {n_keep} of {d} hidden channels; at least {heads} "
-            f"(num_attention_heads) are needed (ratio ≤ {1 - heads / d:.4f})"
-        )
+    n_keep = keep_count(model.config, d, config.ratio, what="PAT ratio")
     r = config.hio_rank if config.hio_rank is not None else default_rank(d)
     if r > d:
         raise PrunetuneError(f"PAT hio_rank {r} exceeds the hidden size {d}")
@@ -123,6 +118,31 @@ def warm_start(scores: torch.Tensor | None, n_keep: int, scale: float) -> torch.
     top = torch.sort(z, descending=True).values
     theta = (top[n_keep - 1] + top[n_keep]) / 2 if n_keep < z.numel() else top[-1] - 1
     return (scale * (z - theta)).float()
+
+
+def keep_count(model_config, d: int, ratio: float, what: str = "ratio") -> int:
+    """Channels kept at ``ratio``: ``round((1 − ratio) · d)``, moved to the nearest hidden size that plain
+    transformers can load for this family (Llama: a multiple of ``num_attention_heads``; a warning says so).
+    At least ``num_attention_heads`` channels: q/k/v keep their ``heads · head_dim`` outputs but read only
+    ``k`` inputs, so below one input direction per head the heads cannot attend independently."""
+    target = n_keep_for(d, ratio)
+    if target >= d:
+        raise PrunetuneError(f"{what} {ratio} removes no channel of hidden size {d}")
+    heads = int(getattr(model_config, "num_attention_heads", 1) or 1)
+    if target < heads:
+        raise PrunetuneError(
+            f"{what} {ratio} keeps {target} of {d} hidden channels; at least {heads} "
+            f"(num_attention_heads) are needed (ratio ≤ {1 - heads / d:.4f})"
+        )
+    if loadable_hidden_size(model_config, target):
+        return target
+    k = choose_hidden_size(model_config, target, heads)
+    if k is None:
+        raise PrunetuneError(f"{what} {ratio}: no hidden size below {d} that this model family can load")
+    log.warning("%s %s: keeping %d of %d channels instead of %d (removed share %.4f): %s configs need a hidden "
+                "size that is a multiple of %s", what, ratio, k, d, target, 1 - k / d, model_config.model_type,
+                "num_attention_heads" if k % heads == 0 else "a family-specific step")
+    return k
 
 
 def hsm_paths(model: nn.Module) -> list[str]:

@@ -99,6 +99,25 @@ def shrunk_config(config, k: int):
     return cfg
 
 
+def loadable_hidden_size(config, k: int) -> bool:
+    """Whether plain transformers accepts a config of this family with ``hidden_size = k`` (e.g. its Llama
+    config requires a multiple of ``num_attention_heads`` even when ``head_dim`` is explicit)."""
+    try:
+        type(config).from_dict(shrunk_config(config, k).to_dict())
+    except Exception:  # the config classes raise ValueError or huggingface_hub's strict-dataclass errors
+        return False
+    return True
+
+
+def choose_hidden_size(config, target: int, low: int) -> int | None:
+    """The loadable hidden size nearest to ``target`` in ``[low, d − 1]`` (ties: the larger); None if none."""
+    d = int(config.hidden_size)
+    for k in sorted(range(max(1, low), d), key=lambda k: (abs(k - target), -k)):
+        if loadable_hidden_size(config, k):
+            return k
+    return None
+
+
 @torch.no_grad()
 def shrink_model(model: nn.Module) -> nn.Module:
     """Return a new plain ``*ForCausalLM`` with hidden size ``k`` that computes what the masked model computes.
