@@ -18,8 +18,8 @@ from ..checkpoint import ShardWriter, materialize, open_streaming, release
 from ..data.calibration import sample_calibration
 from ..errors import PrunetuneError
 from ..evaluate.perplexity import max_positions, perplexity
-from ..io import (atomic_output_dir, check_output_dir, load_model, parse_dtype, partial_dir_for, resolve_model,
-                  verify_manifest, write_manifest)
+from ..io import (all_finite, atomic_output_dir, check_output_dir, load_model, parse_dtype, partial_dir_for,
+                  resolve_model, verify_manifest, write_manifest)
 from ..manifest import machine, measure, peak_rss_mb, versions
 from ..models import get_adapter
 from .masks import parse_sparsity
@@ -139,19 +139,13 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
             materialize(net, adapter.layer_prefix(i), layer, source, device, torch_dtype)
 
         if streaming:
-            for name, p in net.named_parameters():
-                if not name.startswith(adapter.layers_path + ".") and p.device.type == "meta" and name in source:
-                    from accelerate.utils import set_module_tensor_to_device
-
-                    set_module_tensor_to_device(net, name, device, value=source.get(name), dtype=torch_dtype)
-            if getattr(net.config, "tie_word_embeddings", False):
-                net.tie_weights()
+            _load_outside_layers(net, adapter, source, device, torch_dtype)
         else:
             for name, p in net.named_parameters():
                 if not name.startswith(adapter.layers_path + "."):
                     p.data = p.data.to(device)
         for name, p in net.named_parameters():
-            if not name.startswith(adapter.layers_path + ".") and p.device.type != "meta" and not torch.isfinite(p.data).all():
+            if not name.startswith(adapter.layers_path + ".") and p.device.type != "meta" and not all_finite(p.data):
                 raise PrunetuneError(f"weights of '{name}' contain NaN/Inf")
 
         # kept after a crash, a kill or a full disk once a finished layer can be resumed
@@ -166,6 +160,8 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                 layer_specs = state.get("layer_specs")
             inputs = adapter.first_layer_inputs(batches, device)
             kwargs = inputs.kwargs
+            if streaming:  # the embedding was only needed for these inputs; _write_rest copies it from the source
+                _release_outside_layers(net, adapter)
             if owl and layer_specs is None:
                 ratios = outlier_ratios(net, inputs.hidden, kwargs, device, m=owl_m,
                                         materialize_layer=materialize_layer if streaming else None,
@@ -209,6 +205,38 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
     report["manifest"].update(meas.as_dict())
     report["summary_table"] = summary_table(report)
     return report
+
+
+def _load_outside_layers(net, adapter, source, device, dtype) -> None:
+    """Load the weights outside the decoder layers that computing the first layer's inputs needs.
+
+    An untied LM head is only checked for NaN/Inf (read, checked, dropped): pruning never runs it, and
+    keeping it would hold vocab x hidden weights (262 MB for a 7B model in bf16) for the whole run."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    tied = bool(getattr(net.config, "tie_word_embeddings", False))
+    head = adapter.lm_head_path + ".weight"
+    for name, p in net.named_parameters():
+        if name.startswith(adapter.layers_path + ".") or p.device.type != "meta" or name not in source:
+            continue
+        t = source.get(name)
+        if name == head and not tied:
+            if not all_finite(t, dtype):  # as the loaded weights would be, e.g. after a cast to float16
+                raise PrunetuneError(f"weights of '{name}' contain NaN/Inf")
+            del t
+            continue
+        set_module_tensor_to_device(net, name, device, value=t, dtype=dtype)
+    if tied:
+        net.tie_weights()
+
+
+def _release_outside_layers(net, adapter) -> None:
+    """Drop the weights outside the decoder layers (back to meta) once the first layer's inputs exist."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, p in list(net.named_parameters(remove_duplicate=False)):  # a tied head holds the embedding too
+        if not name.startswith(adapter.layers_path + ".") and p.device.type != "meta":
+            set_module_tensor_to_device(net, name, "meta")
 
 
 def _load_state(state_file: Path) -> dict:

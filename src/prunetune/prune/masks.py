@@ -108,12 +108,25 @@ def _lowest(scores: Tensor, k: int) -> Tensor:
     return torch.sort(scores, dim=-1, stable=True).indices[..., :k]
 
 
+#: elements per row chunk of the row-wise mask functions: the sort behind them makes a values and an int64
+#: indices tensor (12 bytes per score), ~540 MB for a whole 11008 x 4096 matrix, ~12 MB per chunk
+CHUNK_ELEMS = 1 << 20
+
+
+def row_chunks(rows: int, cols: int, chunk_elems: int = CHUNK_ELEMS):
+    """Row slices of about ``chunk_elems`` elements; row-wise work done per slice gives identical results."""
+    step = max(1, chunk_elems // max(1, cols))
+    return [slice(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
 def prune_mask_rows(scores: Tensor, sparsity: float) -> Tensor:
     """Per row, mark exactly ``round(sparsity * in)`` lowest-scoring entries (True = prune)."""
     k = num_pruned(scores.shape[-1], sparsity)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if k:
-        mask.scatter_(-1, _lowest(scores, k), True)
+        s2, m2 = scores.reshape(-1, scores.shape[-1]), mask.view(-1, scores.shape[-1])
+        for sl in row_chunks(*s2.shape):
+            m2[sl].scatter_(-1, _lowest(s2[sl], k), True)
     return mask
 
 
@@ -133,7 +146,8 @@ def prune_mask_nm(scores: Tensor, n: int, m: int) -> Tensor:
         raise ValueError(f"N:M {n}:{m} does not fit {cols} columns")
     g = scores.reshape(rows, cols // m, m)
     mask = torch.zeros(g.shape, dtype=torch.bool, device=scores.device)
-    mask.scatter_(-1, _lowest(g, m - n), True)
+    for sl in row_chunks(rows, cols):
+        mask[sl].scatter_(-1, _lowest(g[sl], m - n), True)
     return mask.view(scores.shape)
 
 
@@ -147,5 +161,11 @@ def is_nm_valid(W: Tensor, n: int, m: int) -> bool:
 
 
 def sparsity_of(W: Tensor) -> float:
-    """Fraction of entries that are exactly zero."""
-    return float((W == 0).sum().item() / W.numel()) if W.numel() else 0.0
+    """Fraction of entries that are exactly zero.
+
+    Counted by row chunks: ``(W == 0).sum()`` on a whole matrix makes an int64 copy of it (8 bytes per entry)."""
+    if not W.numel():
+        return 0.0
+    flat = W.reshape(-1, W.shape[-1]) if W.dim() > 1 else W.reshape(1, -1)
+    zeros = sum(int((flat[sl] == 0).sum()) for sl in row_chunks(*flat.shape))
+    return float(zeros / W.numel())

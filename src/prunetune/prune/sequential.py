@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import PrunetuneError
+from ..io import all_finite, trim_heap
 from ..models import get_adapter
 from .hessian import layer_error_stats
 from .masks import SparsitySpec, sparsity_of
@@ -131,19 +132,20 @@ def prune_layer(layer, layer_idx: int, adapter, hidden, kwargs, cfg: DriverConfi
             lin = layer.get_submodule(name)
             full = f"{adapter.layer_prefix(layer_idx)}{name}"
             W = lin.weight.data.float()
-            if not torch.isfinite(W).all():
+            if not all_finite(W):
                 raise PrunetuneError(f"weights of '{full}' contain NaN/Inf")
             H = hessians[name]
-            if not torch.isfinite(H).all():
+            if not all_finite(H):
                 raise PrunetuneError(f"calibration activations entering '{full}' contain NaN/Inf")
             newW = cfg.method.fn(W, H, spec, damp=cfg.damp,
                                  blocksize=cfg.blocksize, **cfg.method_opts)
-            if not torch.isfinite(newW).all():
+            if not all_finite(newW):
                 raise PrunetuneError(f"pruning '{full}' produced NaN/Inf (try a larger --damp)")
             err, rel = layer_error_stats(W, newW, H)
             results.append(LayerResult(full, tuple(W.shape), spec.sparsity, sparsity_of(newW), err, rel))
-            lin.weight.data.copy_(newW.to(lin.weight.dtype))
-            del hessians[name]
+            lin.weight.data.copy_(newW)  # casts in place: no second full-size copy
+            del hessians[name], W, H, newW
+            trim_heap()
     return results
 
 
@@ -177,11 +179,12 @@ def sequential_prune(model, *, batches, cfg: DriverConfig, device, on_layer_done
         layer.to(device)
         results = prune_layer(layer, i, adapter, hidden, kwargs, cfg, device)
         hidden = run_layers(lambda h, kw: adapter.run_layer(layer, h, kw), hidden, kwargs, device)
-        if not all(torch.isfinite(h).all() for h in hidden):
+        if not all(all_finite(h) for h in hidden):
             raise PrunetuneError(f"activations after layer {i} contain NaN/Inf")
         layer.to("cpu") if materialize_layer is None else None
         all_results.extend(results)
         bar.set_postfix(rel_err=f"{sum(r.rel_error for r in results) / max(len(results), 1):.4f}")
         if on_layer_done is not None:
             on_layer_done(i, layer, results, hidden, kwargs)
+        trim_heap()
     return all_results

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..hessian import compute_dtype
-from ..masks import SparsitySpec, prune_mask_nm, prune_mask_rows
+from ..masks import SparsitySpec, prune_mask_nm, prune_mask_rows, row_chunks
 from . import register, reject_unknown_opts
 
 
@@ -24,11 +24,17 @@ def wanda(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, block
     Wc = W.to(dtype)
     diag = H.diagonal().to(device=W.device, dtype=dtype)
     norms = diag.clamp_min(0).sqrt()
-    scores = Wc.abs() * norms
+    dead = diag == 0
     if spec.is_nm:
         spec.check_fits(W.shape[1], f"weight of shape {tuple(W.shape)}")
-        mask = prune_mask_nm(scores, spec.n, spec.m)
-    else:
-        mask = prune_mask_rows(scores, spec.sparsity)
-    mask[:, diag == 0] = True
-    return torch.where(mask, torch.zeros((), dtype=dtype, device=W.device), Wc)
+    zero = torch.zeros((), dtype=dtype, device=W.device)
+    out = torch.empty_like(Wc)
+    # every step is row-wise, so row chunks give the same result while the scores, the sort and the mask
+    # of a whole matrix (~17 bytes per weight) never exist at once
+    for sl in row_chunks(*Wc.shape):
+        w = Wc[sl]
+        scores = w.abs() * norms
+        mask = prune_mask_nm(scores, spec.n, spec.m) if spec.is_nm else prune_mask_rows(scores, spec.sparsity)
+        mask[:, dead] = True
+        torch.where(mask, zero, w, out=out[sl])
+    return out
