@@ -21,6 +21,8 @@ rescales the norm gains and epsilon, so the smaller model computes exactly what 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -109,8 +111,6 @@ def remove_channels(model: nn.Module, keep: torch.Tensor) -> nn.Module:
     if keep.numel() == 0 or keep.unique().numel() != keep.numel() or int(keep.min()) < 0 or int(keep.max()) >= d:
         raise PrunetuneError(f"kept channels must be distinct indices in [0, {d})")
     ratio = 1 - keep.numel() / d
-    import copy
-
     work = copy.deepcopy(model)
     work = PATMethod(PATConfig(ratio=ratio, lora_r=0)).prepare(work)
     pat = find_pat(work)
@@ -133,6 +133,7 @@ def prune_channels(model: nn.Module, ratio: float, *, importance: str = "activat
     shrunk = remove_channels(model, keep)
     info = {"method": "channel-prune", "importance": importance, "ratio": ratio,
             "hidden_size_before": int(scores.numel()), "hidden_size": int(keep.numel()),
+            "removed_share": 1 - keep.numel() / scores.numel(),
             "kept_channels": keep.tolist(),
             "calibration_tokens": _tokens(calib) if importance == "activation" else 0}
     return shrunk, info
