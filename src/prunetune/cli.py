@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--spp-groups", type=int, default=16, help="spp: row blocks sharing one factor row (default 16)")
     p.add_argument("--spp-r", type=int, default=16, help="spp: r (scaling = alpha / r) (default 16)")
     p.add_argument("--spp-alpha", type=float, default=32.0, help="spp: alpha (default 32)")
+    p.add_argument("--spp-dropout", type=float, default=0.05,
+                   help="spp: dropout on the adapter input (default 0.05); 0 fuses adapter and weight into one "
+                        "matmul (faster steps)")
     p.add_argument("--lora-r", type=int, default=8, help="lora/pat: LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="lora/pat: LoRA alpha (default 16)")
     p.add_argument("--hio-rank", type=int, default=None, help="pat: rank of the identity operators (default 5%% of hidden size)")
@@ -225,7 +228,7 @@ def _cmd_tune(a):
                schedule=a.schedule, weight_decay=a.weight_decay, seed=a.seed, eval_every=a.eval_every,
                eval_size=eval_size, max_records=a.max_records, data_mode=a.data_mode,
                checkpoint_every=a.checkpoint_every, merge=a.merge, ratio=a.ratio, spp_groups=a.spp_groups,
-               spp_r=a.spp_r, spp_alpha=a.spp_alpha, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
+               spp_r=a.spp_r, spp_alpha=a.spp_alpha, spp_dropout=a.spp_dropout, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                hio_rank=a.hio_rank, no_identity_loss=a.no_identity_loss, frozen_mask=a.frozen_mask,
                mask_init=a.mask_init, mask_init_scale=a.mask_init_scale, on_dense=a.on_dense, dtype=a.dtype, device=a.device, overwrite=a.overwrite, resume=a.resume,
                progress=not a.no_progress)
