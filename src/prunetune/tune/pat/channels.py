@@ -12,7 +12,8 @@ the LM head) sees it through an RMSNorm, so the natural measure is the energy th
 
 summed over every layer norm and the final norm on calibration windows. ``magnitude`` instead scores
 ``Σ_norms g_j²`` plus the squared column norms of every reader (no data). The ``round((1 − ratio) · d)``
-highest scores are kept (ties to the lower index, as PAT's final top-k).
+highest scores are kept (ties to the lower index, as PAT's final top-k; the count moves to the nearest hidden
+size the model family can load, as PAT's does).
 
 Removal: the model gets PAT's modules with identity ``D`` (no training) and a binary gate on the kept
 channels; :func:`~prunetune.tune.pat.shrink.shrink_model` then slices writers, readers and norms and

@@ -19,7 +19,8 @@ leaves the step at ``s + 1`` for the next forward, and ``extra_loss`` sets it ag
 Validation rules (each a one-line ``PrunetuneError``): the ratio must lie strictly between 0 and 1; the model
 must use RMSNorm (a LayerNorm subtracts the mean, which mixes every channel, so a zero channel does not
 stay zero); ``N_keep = round((1 − ratio) · d)`` must remove at least one channel and keep at least
-``num_attention_heads`` channels. That head rule is a floor, not a tuning choice: q/k/v keep their
+``num_attention_heads`` channels, and moves to the nearest hidden size plain transformers can load for the
+family (``keep_count``). That head rule is a floor, not a tuning choice: q/k/v keep their
 ``heads · head_dim`` outputs but now read only ``k`` inputs, so ``rank(W_q') ≤ k``; below one input direction
 per head the heads can no longer attend independently.
 """
