@@ -113,8 +113,11 @@ def main():
     ap.add_argument("--timing-steps", type=int, default=6)
     ap.add_argument("--zero-init-ratios", nargs="*", type=float, default=[0.25])
     ap.add_argument("--variant", action="append", default=[],
-                    help="an extra PAT run NAME:RATIO:SCALE:IDLOSS (warm start spread SCALE, identity loss 1/0), "
-                         "recorded as pat-NAME:RATIO; e.g. s0.1-noid:0.25:0.1:0")
+                    help="an extra PAT run NAME:RATIO:SCALE:IDLOSS[:MILESTONE] (warm start spread SCALE, identity "
+                         "loss 1/0, milestone fraction), recorded as pat-NAME:RATIO; e.g. s0.1-noid:0.25:0.1:0")
+    ap.add_argument("--mask-init-data", default=None,
+                    help="score the PAT warm start on this corpus (--calib-samples x --calib-seqlen, like the "
+                         "channel-pruning baselines) instead of the first 64 training examples")
     ap.add_argument("--untuned-zeroshot", action="store_true",
                     help="also score the untuned channel-pruned models zero-shot (default: perplexity only)")
     ap.add_argument("--skip", nargs="*", default=[], help="run keys to skip (e.g. channel:0.2)")
@@ -144,7 +147,12 @@ def main():
         "command": " ".join(["python", "benchmarks/pat_smollm2.py", *sys.argv[1:]]),
     }
 
-    def record(key, row):
+    init_data = ({"mask_init_data": a.mask_init_data, "mask_init_examples": a.calib_samples,
+                  "mask_init_seqlen": a.calib_seqlen} if a.mask_init_data else {})
+
+    def record(key, row):  # re-read first: several benchmark processes may share one result file
+        if out.is_file():
+            res["runs"] = {**json.loads(out.read_text())["runs"], **res["runs"]}
         res["runs"][key] = row
         write_json_atomic(out, res)
         print(key, json.dumps({k: v for k, v in row.items() if k not in ("calibration",)}), flush=True)
@@ -162,7 +170,7 @@ def main():
         key = f"pat:{r}"
         if todo(key):
             d = work / f"pat-{r}"
-            row = run_tune(a.dense, "pat", d, a, ratio=r, mask_init="activation")
+            row = run_tune(a.dense, "pat", d, a, ratio=r, mask_init="activation", **init_data)
             record(key, {"model": str(d), "ratio": r, "mask_init": "activation", **row, **evaluate(d, a)})
         key = f"channel:{r}"
         cdir = work / f"channel-{r}"
@@ -181,14 +189,15 @@ def main():
             info = channel_prune(lora_dir, r, d, a)
             record(key, {"model": str(d), **info, **evaluate(d, a)})
     for v in a.variant:
-        name, r, scale, idl = v.split(":")
+        name, r, scale, idl, *ms = v.split(":")
         key = f"pat-{name}:{float(r)}"
         if todo(key):
             d = work / f"pat-{name}-{r}"
+            milestone = float(ms[0]) if ms else 1 / 3
             row = run_tune(a.dense, "pat", d, a, ratio=float(r), mask_init="activation", mask_init_scale=float(scale),
-                           no_identity_loss=idl == "0")
+                           no_identity_loss=idl == "0", milestone=milestone, **init_data)
             record(key, {"model": str(d), "ratio": float(r), "mask_init": "activation", "mask_init_scale": float(scale),
-                         "identity_loss": idl != "0", **row, **evaluate(d, a)})
+                         "identity_loss": idl != "0", "milestone": milestone, **row, **evaluate(d, a)})
     for r in a.zero_init_ratios:  # the published zero init, after the main table
         key = f"pat-zero:{r}"
         if todo(key):
@@ -245,7 +254,23 @@ def _avg_without(r: dict, task: str) -> float:
     return sum(accs) / len(accs)
 
 
-def markdown(res: dict) -> str:
+def pat_label(r: dict) -> str:
+    """A PAT row's configuration in words: warm-start data, mask spread, identity loss, milestone."""
+    src = ((r.get("pat") or {}).get("mask_init") or {}).get("source")
+    if isinstance(src, dict):
+        src = f"{src['source']['name'].upper() if len(src['source']['name']) <= 3 else src['source']['name']} " \
+              f"{src['nsamples']} x {src['seqlen']}"
+    else:
+        src = "64 training examples"
+    parts = [f"warm start {src}", f"spread {r.get('mask_init_scale', 0.5)}"]
+    if not r.get("identity_loss", True):
+        parts.append("no identity loss")
+    if abs(r.get("milestone", 1 / 3) - 1 / 3) > 1e-9:
+        parts.append(f"milestone {r['milestone']:g}")
+    return f"PAT ({', '.join(parts)})"
+
+
+def markdown(res: dict, highlight: str = "c4s0.1") -> str:
     runs = res["runs"]
     dense = runs.get("dense")
     if dense is None:
@@ -272,14 +297,13 @@ def markdown(res: dict) -> str:
     ratios = sorted({k.split(":", 1)[1] for k in runs if k.startswith(("pat:", "pat-zero:", "channel:"))}, key=float)
     for rt in ratios:
         for m, label in (("channel", "channel prune, no tuning"), ("tune-then-prune", "tune-then-prune"),
-                         ("prune-then-tune", "prune-then-tune"), ("pat-zero", "PAT, W_M = 0 init (as published)"),
-                         ("pat", "**PAT** (warm-started mask)")):
+                         ("prune-then-tune", "prune-then-tune"), ("pat-zero", "PAT, W_M = 0 init (as published)")):
             if f"{m}:{rt}" in runs:
                 lines.append(row(rt, label, runs[f"{m}:{rt}"]))
         for k, r in runs.items():
-            if k.startswith("pat-") and not k.startswith("pat-zero:") and k.split(":", 1)[1] == rt:
-                lines.append(row(rt, f"PAT, warm start spread {r['mask_init_scale']}"
-                                     f"{'' if r['identity_loss'] else ', no identity loss'}", r))
+            if k.startswith("pat") and not k.startswith("pat-zero:") and k.split(":", 1)[1] == rt:
+                label = pat_label(r)
+                lines.append(row(rt, f"**{label}**" if k.startswith(f"pat-{highlight}:") else label, r))
     st = runs.get("step_time")
     if st:
         lines.append("")

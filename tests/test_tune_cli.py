@@ -274,6 +274,7 @@ def test_bad_inputs_are_one_clear_line(tmp_path, alpaca):
         (["--method", "pat", "--ratio", "0"], ("ratio", "between 0 and 1")),
         (["--method", "pat", "--ratio", "0.9"], ("keeps 6 of 64", "num_attention_heads")),
         (["--method", "pat", "--model", opt], ("rmsnorm",)),
+        (["--method", "pat", "--mask-init-data", "tinystories"], ("mask-init-data", "activation")),
         (["--method", "spp", "--resume"], ("nothing to resume",)),
     ]
     for extra, needles in cases:
@@ -302,3 +303,22 @@ def test_pat_warm_started_mask_tunes_merges_and_starts_from_the_top_channels(run
     assert_same_weights(out, runs / "pat-warm-merged")
     assert_clean_error(run_cli("tune", *PAT_ARGS, "--mask-init", "activation", "--frozen-mask", "--out",
                                runs / "x", env=ENV), "frozen mask")
+
+
+def test_pat_warm_start_on_a_corpus_starts_from_the_channel_pruning_baseline(runs, alpaca):
+    """--mask-init-data scores channels exactly like the channel-pruning baseline (same corpus windows, same
+    importance), so with a negligible learning rate PAT keeps exactly the baseline's channels."""
+    from prunetune.api import tune
+    from prunetune.data.calibration import sample_calibration
+    from prunetune.io import load_model
+    from prunetune.tune.pat.channels import channel_scores, keep_channels
+
+    rep = tune(DEFAULT_MODEL, method="pat", data="alpaca", out=runs / "pat-corpus-init", ratio=0.25, max_steps=3,
+               lr=1e-12, seq_len=192, batch_size=4, max_records=48, eval_size=8, checkpoint_every=0,
+               mask_init="activation", mask_init_data="tinystories", mask_init_examples=4, mask_init_seqlen=64,
+               device="cpu", progress=False)
+    assert rep["pat"]["mask_init"]["source"]["nsamples"] == 4 and rep["pat"]["mask_init"]["tokens"] == 256
+    model, tok, _ = load_model(str(DEFAULT_MODEL), dtype="float32", device="cpu")
+    calib, _ = sample_calibration(tok, "tinystories", 4, 64, seed=0)
+    baseline = keep_channels(channel_scores(model, "activation", calib), 0.25, model.config)
+    assert rep["pat"]["kept_channels"] == baseline.tolist()

@@ -121,6 +121,15 @@ def _parser() -> argparse.ArgumentParser:
                         "on the first training examples (default zero)")
     p.add_argument("--mask-init-scale", type=float, default=0.5,
                    help="pat, --mask-init activation: spread of the initial mask logits (default 0.5)")
+    p.add_argument("--mask-init-data", default=None,
+                   help="pat, --mask-init activation: score channels on this corpus (c4, wikitext2, tinystories or "
+                        "a text file) instead of the first training examples")
+    p.add_argument("--mask-init-examples", type=int, default=64,
+                   help="pat, --mask-init activation: examples (or corpus windows) scored (default 64)")
+    p.add_argument("--mask-init-seqlen", type=int, default=512,
+                   help="pat, --mask-init-data: tokens per corpus window (default 512)")
+    p.add_argument("--milestone", type=float, default=1 / 3,
+                   help="pat: fraction of the steps after which the mask is binary (default 1/3)")
     p.add_argument("--on-dense", default="warn", help="spp on a dense model: warn (default) | error | ignore")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run of the same settings")
@@ -230,7 +239,9 @@ def _cmd_tune(a):
                checkpoint_every=a.checkpoint_every, merge=a.merge, ratio=a.ratio, spp_groups=a.spp_groups,
                spp_r=a.spp_r, spp_alpha=a.spp_alpha, spp_dropout=a.spp_dropout, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                hio_rank=a.hio_rank, no_identity_loss=a.no_identity_loss, frozen_mask=a.frozen_mask,
-               mask_init=a.mask_init, mask_init_scale=a.mask_init_scale, on_dense=a.on_dense, dtype=a.dtype, device=a.device, overwrite=a.overwrite, resume=a.resume,
+               mask_init=a.mask_init, mask_init_scale=a.mask_init_scale,
+               mask_init_data=a.mask_init_data, mask_init_examples=a.mask_init_examples,
+               mask_init_seqlen=a.mask_init_seqlen, milestone=a.milestone, on_dense=a.on_dense, dtype=a.dtype, device=a.device, overwrite=a.overwrite, resume=a.resume,
                progress=not a.no_progress)
     print(summary(res))
     print(f"wrote {a.out}")

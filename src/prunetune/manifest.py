@@ -66,7 +66,16 @@ def _status_mb(key: str) -> float | None:
 
 def reset_peak_rss() -> bool:
     """Restart the peak-RSS count (Linux VmHWM) so a job reports its own peak, not an earlier one's of the
-    same process (a benchmark loop, a notebook). False where the kernel does not allow it."""
+    same process (a benchmark loop, a notebook). False where the kernel does not allow it.
+
+    The count restarts from the current RSS, so garbage is collected and freed heap handed back to the
+    system first; otherwise memory that glibc keeps from an earlier job counts towards this one's peak."""
+    import gc
+
+    from .io import trim_heap
+
+    gc.collect()
+    trim_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

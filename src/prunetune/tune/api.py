@@ -142,7 +142,7 @@ def _device(device) -> str:
 
 def method_config(method: str, *, spp_r=16, spp_alpha=32.0, spp_groups=16, spp_dropout=0.05, lora_r=8,
                   lora_alpha=16.0, lora_dropout=0.05, ratio=0.25, hio_rank=None, identity_loss=True,
-                  frozen_mask=False, mask_init="zero", mask_init_scale=0.5) -> dict:
+                  frozen_mask=False, mask_init="zero", mask_init_scale=0.5, milestone=1 / 3) -> dict:
     """The method's configuration as a plain dict (validated), as recorded next to the adapters."""
     if method == "spp":
         from .spp import SPPConfig
@@ -159,7 +159,8 @@ def method_config(method: str, *, spp_r=16, spp_alpha=32.0, spp_groups=16, spp_d
     if ratio is None:
         ratio = 0.25
     return asdict(PATConfig(ratio=ratio, hio_rank=hio_rank, identity_loss=identity_loss, frozen_mask=frozen_mask,
-                            mask_init=mask_init, mask_init_scale=mask_init_scale, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout))
+                            mask_init=mask_init, mask_init_scale=mask_init_scale, milestone_frac=milestone, lora_r=lora_r,
+                            lora_alpha=lora_alpha, lora_dropout=lora_dropout))
 
 
 def build_method(method: str, config: dict):
@@ -302,7 +303,8 @@ def tune(model=None, *, method: str, data, out, seq_len: int = 256, batch_size: 
          spp_r: int = 16, spp_alpha: float = 32.0, spp_dropout: float = 0.05, lora_r: int = 8,
          lora_alpha: float = 16.0, lora_dropout: float = 0.05, hio_rank: int | None = None,
          no_identity_loss: bool = False, frozen_mask: bool = False, mask_init: str = "zero",
-         mask_init_examples: int = 64, mask_init_scale: float = 0.5, on_dense: str = "warn",
+         mask_init_examples: int = 64, mask_init_scale: float = 0.5, mask_init_data: str | None = None,
+         mask_init_seqlen: int = 512, milestone: float = 1 / 3, on_dense: str = "warn",
          dtype: str = "float32", device: str | None = None, overwrite: bool = False, resume: bool = False,
          progress: bool = True) -> dict:
     """Fine-tune ``model`` with ``method`` on ``data`` and write adapters (+ a plain checkpoint) to ``out``.
@@ -316,8 +318,11 @@ def tune(model=None, *, method: str, data, out, seq_len: int = 256, batch_size: 
     ``batch_size · grad_accum`` (· processes). ``lr`` None: 4e-3 for spp, 2e-4 for lora, 5e-5 for pat.
     ``max_steps`` overrides ``epochs``. ``merge``: also export the merged checkpoint (spp/lora).
     ``mask_init`` (pat): ``zero`` (W_M = 0, as published) or ``activation`` (warm start: the channels with the
-    most energy at the RMSNorm outputs on the first ``mask_init_examples`` training examples start live;
-    ``mask_init_scale`` spreads W_M: larger fades weak channels out earlier and faster).
+    most energy at the RMSNorm outputs on the first ``mask_init_examples`` training examples start live, or,
+    with ``mask_init_data`` (a corpus name or text file), on ``mask_init_examples`` random windows of
+    ``mask_init_seqlen`` tokens of it, the same importance the channel-pruning baselines use;
+    ``mask_init_scale`` spreads W_M: larger fades weak channels out earlier and faster). ``milestone``
+    (pat): the fraction of steps after which the mask is binary (default 1/3).
     ``on_dense``: what to do when SPP is given a dense model ("warn", "error", "ignore").
     ``resume``: continue the interrupted run of the same settings into the same ``out``.
 
@@ -339,7 +344,9 @@ def tune(model=None, *, method: str, data, out, seq_len: int = 256, batch_size: 
     mcfg = method_config(method, spp_r=spp_r, spp_alpha=spp_alpha, spp_groups=spp_groups, spp_dropout=spp_dropout,
                          lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, ratio=ratio,
                          hio_rank=hio_rank, identity_loss=not no_identity_loss, frozen_mask=frozen_mask,
-                         mask_init=mask_init, mask_init_scale=mask_init_scale)
+                         mask_init=mask_init, mask_init_scale=mask_init_scale, milestone=milestone)
+    if mask_init_data is not None and (method != "pat" or mask_init != "activation"):
+        raise PrunetuneError("--mask-init-data only applies to pat with --mask-init activation")
     device = _device(device)
     lr = DEFAULT_LR[method] if lr is None else float(lr)
     tcfg = TrainConfig(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
@@ -398,10 +405,18 @@ def tune(model=None, *, method: str, data, out, seq_len: int = 256, batch_size: 
 
         if int(mask_init_examples) <= 0:
             raise PrunetuneError(f"mask_init_examples must be positive (got {mask_init_examples})")
-        calib = [e["input_ids"] for e in tdata.train[:int(mask_init_examples)]]
+        if mask_init_data is None:
+            calib = [e["input_ids"] for e in tdata.train[:int(mask_init_examples)]]
+            source = "the first training examples"
+        else:
+            from ..data.calibration import sample_calibration
+
+            calib, proto = sample_calibration(tok, mask_init_data, int(mask_init_examples), int(mask_init_seqlen),
+                                              seed=seed)
+            source = proto
         tm.init_scores = channel_scores(net, "activation", calib)
         mask_init_info = {"importance": "activation energy at every RMSNorm output", "examples": len(calib),
-                          "tokens": sum(len(c) for c in calib), "source": "the first training examples"}
+                          "tokens": sum(len(c) for c in calib), "source": source}
     _install_kill_hook(tm)
 
     from accelerate import PartialState

@@ -21,7 +21,7 @@ Mask selection (option ``select``):
 * ``"sparsegpt"`` (default) — the mask SparseGPT's sequential procedure chooses (it adapts the mask to
   the weights already updated, block by block), with every kept weight then set to the exact optimum. The
   solve is CG on ``H_KK`` started from SparseGPT's own weights (`warm_solve`): a few shared GEMMs reach the
-  optimum (float32: to ~1e-4 of the error, relative), so APT costs about twice SparseGPT. Rows keep
+  optimum (float32: to ~1e-3 of the error, relative), so APT costs about twice SparseGPT. Rows keep
   SparseGPT's weights wherever the re-solve would not lower the error under both the dampened H (the one every solve minimises) and the
   caller's undampened H (the reported layer error): APT's layer error is ≤ SparseGPT's by construction.
 * ``"obs"`` — unstructured: per row, the lowest saliency ``w_j² / [H⁻¹]_jj`` (optionally over ``rounds``
@@ -86,17 +86,24 @@ def _pcg_solve(W: Tensor, H: Tensor, Hinv: Tensor | None, mask: Tensor, tol: flo
     as ``x0``. A row stops when its relative residual reaches ``tol`` or, with ``gap``, when the estimated
     error still to gain (``rᵀ z ≈ rᵀ H_KK⁻¹ r``) is below ``gap · e(x)``. Returns the solution and a bool
     per row telling whether it stopped by either test.
+
+    The vector updates are fused (``addcmul_``, one pass each, no temporaries): at the sizes of a layer the
+    element-wise work of an iteration costs as much as its GEMM otherwise.
     """
     keep = (~mask).to(W.dtype)
     tiny = torch.finfo(W.dtype).tiny
     if Hinv is None:
-        dinv = 1.0 / H.diagonal()
+        dkeep = keep / H.diagonal()  # Jacobi, restricted to the kept entries, in one multiply
 
         def precond(r):
-            return r * dinv * keep
+            return r * dkeep
     else:
         def precond(r):
-            return (r @ Hinv) * keep
+            return (r @ Hinv).mul_(keep)
+
+    def rowdot(a, b):
+        return torch.linalg.vecdot(a, b, dim=1).unsqueeze(1)
+
     WH = W @ H
     b = WH * keep
     bnorm = b.norm(dim=1).clamp_min(tiny)
@@ -105,27 +112,28 @@ def _pcg_solve(W: Tensor, H: Tensor, Hinv: Tensor | None, mask: Tensor, tol: flo
     r = b - xH * keep
     z = precond(r)
     p = z.clone()
-    rz = (r * z).sum(1, keepdim=True)
+    rz = rowdot(r, z)
     done = r.norm(dim=1) <= tol * bnorm
     if gap is not None:
-        err = ((xH - WH) * (x - W)).sum(1, keepdim=True)  # e(x), tracked through the step decrements below
+        err = rowdot(xH - WH, x - W)  # e(x), tracked through the step decrements below
         done |= (rz <= gap * err).squeeze(1)
+    del WH, xH, b
     for _ in range(maxiter):
         if bool(done.all()):
             break
-        Ap = (p @ H) * keep
-        pAp = (p * Ap).sum(1, keepdim=True)
+        Ap = torch.mm(p, H).mul_(keep)
+        pAp = rowdot(p, Ap)
         alpha = torch.where(pAp > 0, rz / pAp.clamp_min(tiny), torch.zeros_like(pAp))
         alpha[done] = 0.0  # freeze converged rows
-        x.add_(alpha * p)
-        r.sub_(alpha * Ap)
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, Ap, value=-1.0)
         done |= r.norm(dim=1) <= tol * bnorm
         z = precond(r)
-        rz_new = (r * z).sum(1, keepdim=True)
+        rz_new = rowdot(r, z)
         if gap is not None:
             err -= alpha * rz
             done |= (rz_new <= gap * err).squeeze(1)
-        p = z + (rz_new / rz.clamp_min(tiny)) * p
+        p.mul_(rz_new / rz.clamp_min(tiny)).add_(z)
         rz = rz_new
     return x, done
 
@@ -138,11 +146,13 @@ def warm_solve(W: Tensor, H: Tensor, mask: Tensor, x0: Tensor, *, tol: float | N
     GEMM per iteration, no per-row factorisation), and since CG never increases the error, the result is never
     worse than ``x0`` even where ``maxiter`` stops it early. A row stops at relative residual ``tol`` or when
     the estimated error still to gain is below ``gap`` times its error. Defaults: float32 ``tol`` 1e-6 and
-    ``gap`` 1e-4 (measured: the error ends within ~1.4e-4 of the optimum, relative); float64 ``tol`` 1e-13
-    and no ``gap`` (solved to round-off). Rows go in chunks of ~16M elements."""
+    ``gap`` 1e-3 (measured on the seven shapes of a SmolLM2 layer: the error ends within 0.15% of the
+    optimum, relative, where APT is 32-35% below SparseGPT; ``gap`` 1e-4 gets within 0.015% for 30% more
+    CG time); float64 ``tol`` 1e-13 and no ``gap`` (solved to round-off). Rows go in chunks of ~16M
+    elements."""
     f64 = W.dtype == torch.float64
     tol = tol if tol is not None else (1e-13 if f64 else 1e-6)
-    gap = gap if gap is not None else (None if f64 else 1e-4)
+    gap = gap if gap is not None else (None if f64 else 1e-3)
     H = H.to(W.dtype)
     out = torch.empty_like(W)
     step = max(1, (1 << 24) // max(1, W.shape[1]))

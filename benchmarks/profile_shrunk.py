@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Where the prefill time of a channel-shrunk model goes, against the dense one (CPU, torch.profiler).
+
+    OMP_NUM_THREADS=1 python benchmarks/profile_shrunk.py runs/pat/pat-0.25 --batch-size 8 --seq-len 128
+
+Shrinking the hidden size from d to k scales every linear layer by k/d (each has the hidden size as one of its
+two dimensions), but not the parts whose width is the number of heads x head_dim or the MLP width: the attention
+core (scores, softmax, weighted sum), rotary embeddings, the SiLU gate product. This script runs the same
+prefill forward on both models under ``torch.profiler``, sums the self CPU time of every operator into those
+groups and reports each group's time, its share, and its dense/shrunk ratio, so the gap between the measured
+speed-up and the ideal ``d / k`` is attributed to named operations. Result: benchmarks/results/profile_shrunk.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GROUPS = {  # operator name -> group (first match on a substring; the rest is "other")
+    "linear (matmuls of the projections and LM head)": ("aten::addmm", "aten::mm", "aten::matmul", "aten::linear",
+                                                         "aten::bmm"),
+    "attention core (SDPA: scores, softmax, weighted sum)": ("scaled_dot_product", "_flash_attention",
+                                                             "aten::_softmax", "aten::softmax", "_efficient_attention"),
+    "elementwise (norms, rotary, SiLU, residual adds)": ("aten::mul", "aten::add", "aten::silu", "aten::rsqrt",
+                                                         "aten::pow", "aten::mean", "aten::neg", "aten::cat",
+                                                         "aten::cos", "aten::sin", "aten::div", "aten::sub"),
+    "copies and layout (views, transposes, contiguous)": ("aten::copy_", "aten::clone", "aten::contiguous",
+                                                          "aten::to", "aten::_to_copy", "aten::empty", "aten::view",
+                                                          "aten::transpose", "aten::reshape", "aten::expand",
+                                                          "aten::slice", "aten::t", "aten::unsqueeze"),
+}
+
+
+def group_of(name: str) -> str:
+    for g, keys in GROUPS.items():
+        if any(k in name for k in keys):
+            return g
+    return "other"
+
+
+def profile(model_dir: str, batch: int, seq: int, repeats: int) -> dict:
+    from prunetune.io import load_model
+
+    model, _, _ = load_model(model_dir, dtype="float32", device="cpu")
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for _ in range(2):
+            model(input_ids=ids, use_cache=False)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(repeats):
+                model(input_ids=ids, use_cache=False)
+    groups: dict[str, float] = {}
+    ops: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = ev.self_cpu_time_total / repeats
+        groups[group_of(ev.key)] = groups.get(group_of(ev.key), 0.0) + us
+        ops[ev.key] = us
+    mm = {}  # every matrix product by shape: time and achieved GFLOP/s (which products lose efficiency)
+    for ev in prof.key_averages(group_by_input_shape=True):
+        if ev.key == "aten::mm" and len(ev.input_shapes) >= 2 and len(ev.input_shapes[0]) == 2:
+            (m, kk), (_, n) = ev.input_shapes[0], ev.input_shapes[1]
+            us = ev.self_cpu_time_total / repeats
+            calls = ev.count / repeats
+            mm[f"{m}x{kk} @ {kk}x{n}"] = {"ms": us / 1e3, "calls": calls,
+                                          "gflops": 2 * m * kk * n * calls / (us * 1e-6) / 1e9 if us else None}
+    total = sum(groups.values())
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:12]
+    return {"model": model_dir, "hidden_size": model.config.hidden_size, "total_ms": total / 1e3,
+            "groups_ms": {g: v / 1e3 for g, v in groups.items()},
+            "top_ops_ms": {k: v / 1e3 for k, v in top},
+            "mm_by_shape": dict(sorted(mm.items(), key=lambda kv: -kv[1]["ms"]))}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("shrunk")
+    ap.add_argument("--dense", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile_shrunk.json"))
+    a = ap.parse_args()
+    from prunetune.manifest import machine, versions, write_json_atomic
+
+    dense = profile(a.dense, a.batch_size, a.seq_len, a.repeats)
+    shrunk = profile(a.shrunk, a.batch_size, a.seq_len, a.repeats)
+    rows = {}
+    for g in sorted(set(dense["groups_ms"]) | set(shrunk["groups_ms"]), key=lambda g: -dense["groups_ms"].get(g, 0)):
+        dm, sm = dense["groups_ms"].get(g, 0.0), shrunk["groups_ms"].get(g, 0.0)
+        rows[g] = {"dense_ms": dm, "shrunk_ms": sm, "dense_share": dm / dense["total_ms"],
+                   "speedup": dm / sm if sm else None}
+    ideal = dense["hidden_size"] / shrunk["hidden_size"]
+    res = {"protocol": {"batch_size": a.batch_size, "seq_len": a.seq_len, "repeats": a.repeats, "dtype": "float32",
+                        "device": "cpu", "timer": "torch.profiler self CPU time per forward, mean of repeats",
+                        "threads": torch.get_num_threads(), "versions": versions(), "machine": machine(),
+                        "command": " ".join(["python", "benchmarks/profile_shrunk.py", *sys.argv[1:]])},
+           "ideal_speedup": ideal, "speedup_total": dense["total_ms"] / shrunk["total_ms"], "groups": rows,
+           "dense": dense, "shrunk": shrunk}
+    write_json_atomic(Path(a.out), res)
+    print(f"prefill {a.batch_size} x {a.seq_len}: dense {dense['total_ms']:.1f} ms, shrunk {shrunk['total_ms']:.1f} ms, "
+          f"speed-up {res['speedup_total']:.3f}x (ideal for the linears {ideal:.3f}x)")
+    print("| group | dense ms | share of dense | shrunk ms | speed-up |\n|---|---|---|---|---|")
+    for g, r in rows.items():
+        sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        print(f"| {g} | {r['dense_ms']:.1f} | {r['dense_share']:.1%} | {r['shrunk_ms']:.1f} | {sp} |")
+    for name in ("dense", "shrunk"):
+        print(f"\n{name}: matrix products by shape (per forward)\n| shape | calls | ms | GFLOP/s |\n|---|---|---|---|")
+        for shape, r in res[name]["mm_by_shape"].items():
+            print(f"| {shape} | {r['calls']:.0f} | {r['ms']:.1f} | {r['gflops']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
