@@ -9,7 +9,10 @@ Runs (all with the same data, steps, batch, sequence length, seed and LoRA rank/
 
 - ``lora``: LoRA on the dense model, merged (the accuracy ceiling; also the start of tune-then-prune);
 - ``pat:R``: PAT removing the fraction R of hidden channels (LoRA + HSMs + shared mask), exported shrunk, with
-  the mask warm-started from activation energy on the first training examples (``--mask-init activation``);
+  the mask warm-started (``--mask-init activation``, spread ``--mask-init-scale``) from the channel importance
+  the baselines use, on the same C4 windows (``--mask-init-data c4``);
+- ``pat-NAME:R``: PAT variants (``--variant``: other spread, no identity loss, milestone, warm start on the
+  first training examples);
 - ``pat-zero:R``: the same with ``W_M = 0`` at the start, as published (for ``--zero-init-ratios``);
 - ``channel:R``: the dense model with the fraction R of hidden channels removed by activation importance
   (``prunetune.tune.pat.channels``: energy of each channel at the output of every RMSNorm on C4
@@ -113,11 +116,14 @@ def main():
     ap.add_argument("--timing-steps", type=int, default=6)
     ap.add_argument("--zero-init-ratios", nargs="*", type=float, default=[0.25])
     ap.add_argument("--variant", action="append", default=[],
-                    help="an extra PAT run NAME:RATIO:SCALE:IDLOSS[:MILESTONE] (warm start spread SCALE, identity "
-                         "loss 1/0, milestone fraction), recorded as pat-NAME:RATIO; e.g. s0.1-noid:0.25:0.1:0")
-    ap.add_argument("--mask-init-data", default=None,
-                    help="score the PAT warm start on this corpus (--calib-samples x --calib-seqlen, like the "
-                         "channel-pruning baselines) instead of the first 64 training examples")
+                    help="an extra PAT run NAME:RATIO:SCALE:IDLOSS[:MILESTONE[:INIT]] (warm start spread SCALE, "
+                         "identity loss 1/0, milestone fraction, INIT 'train' = score channels on the first 64 "
+                         "training examples instead of --mask-init-data), recorded as pat-NAME:RATIO; "
+                         "e.g. noid:0.25:0.1:0")
+    ap.add_argument("--mask-init-data", default="c4",
+                    help="corpus the PAT warm start scores channels on (--calib-samples x --calib-seqlen, the same "
+                         "windows and importance as the channel-pruning baselines; default c4)")
+    ap.add_argument("--mask-init-scale", type=float, default=0.1, help="spread of the PAT warm start (default 0.1)")
     ap.add_argument("--untuned-zeroshot", action="store_true",
                     help="also score the untuned channel-pruned models zero-shot (default: perplexity only)")
     ap.add_argument("--skip", nargs="*", default=[], help="run keys to skip (e.g. channel:0.2)")
@@ -138,7 +144,9 @@ def main():
                      "held_out": a.eval_size, "max_records": a.max_records,
                      "adapters": "LoRA r=8 alpha=16 dropout 0.05 on q/k/v/o/gate/up/down of every layer (all runs); "
                                  "PAT adds 61 HSMs (HIO rank 29 = 5% of 576) and the shared mask, milestone 1/3; "
-                                 "warm start from the first 64 training examples, W_M spread 0.5 unless stated"},
+                                 f"warm start from channel energy on {a.mask_init_data} ({a.calib_samples} x "
+                                 f"{a.calib_seqlen}, the baselines' windows), W_M spread {a.mask_init_scale}, "
+                                 "unless a row states otherwise"},
         "channel_importance": f"activation energy at every RMSNorm output, C4 {a.calib_samples} x {a.calib_seqlen}, "
                               f"seed {a.seed}",
         "eval": {"perplexity": f"{', '.join(a.corpora)}; 512-token windows, first {a.ppl_windows}",
@@ -147,8 +155,8 @@ def main():
         "command": " ".join(["python", "benchmarks/pat_smollm2.py", *sys.argv[1:]]),
     }
 
-    init_data = ({"mask_init_data": a.mask_init_data, "mask_init_examples": a.calib_samples,
-                  "mask_init_seqlen": a.calib_seqlen} if a.mask_init_data else {})
+    init_data = {"mask_init_data": a.mask_init_data, "mask_init_examples": a.calib_samples,
+                 "mask_init_seqlen": a.calib_seqlen}
 
     def record(key, row):  # re-read first: several benchmark processes may share one result file
         if out.is_file():
@@ -170,8 +178,10 @@ def main():
         key = f"pat:{r}"
         if todo(key):
             d = work / f"pat-{r}"
-            row = run_tune(a.dense, "pat", d, a, ratio=r, mask_init="activation", **init_data)
-            record(key, {"model": str(d), "ratio": r, "mask_init": "activation", **row, **evaluate(d, a)})
+            row = run_tune(a.dense, "pat", d, a, ratio=r, mask_init="activation", mask_init_scale=a.mask_init_scale,
+                           **init_data)
+            record(key, {"model": str(d), "ratio": r, "mask_init": "activation", "mask_init_scale": a.mask_init_scale,
+                         "identity_loss": True, "milestone": 1 / 3, **row, **evaluate(d, a)})
         key = f"channel:{r}"
         cdir = work / f"channel-{r}"
         if todo(key) or (todo(f"prune-then-tune:{r}") and not (cdir / "config.json").is_file()):
@@ -189,13 +199,15 @@ def main():
             info = channel_prune(lora_dir, r, d, a)
             record(key, {"model": str(d), **info, **evaluate(d, a)})
     for v in a.variant:
-        name, r, scale, idl, *ms = v.split(":")
+        name, r, scale, idl, *rest = v.split(":")
         key = f"pat-{name}:{float(r)}"
         if todo(key):
             d = work / f"pat-{name}-{r}"
-            milestone = float(ms[0]) if ms else 1 / 3
+            milestone = float(rest[0]) if rest and rest[0] else 1 / 3
+            init = rest[1] if len(rest) > 1 else a.mask_init_data
+            data_kw = {} if init == "train" else {**init_data, "mask_init_data": init}
             row = run_tune(a.dense, "pat", d, a, ratio=float(r), mask_init="activation", mask_init_scale=float(scale),
-                           no_identity_loss=idl == "0", milestone=milestone, **init_data)
+                           no_identity_loss=idl == "0", milestone=milestone, **data_kw)
             record(key, {"model": str(d), "ratio": float(r), "mask_init": "activation", "mask_init_scale": float(scale),
                          "identity_loss": idl != "0", "milestone": milestone, **row, **evaluate(d, a)})
     for r in a.zero_init_ratios:  # the published zero init, after the main table
@@ -270,7 +282,7 @@ def pat_label(r: dict) -> str:
     return f"PAT ({', '.join(parts)})"
 
 
-def markdown(res: dict, highlight: str = "c4s0.1") -> str:
+def markdown(res: dict) -> str:
     runs = res["runs"]
     dense = runs.get("dense")
     if dense is None:
@@ -303,7 +315,7 @@ def markdown(res: dict, highlight: str = "c4s0.1") -> str:
         for k, r in runs.items():
             if k.startswith("pat") and not k.startswith("pat-zero:") and k.split(":", 1)[1] == rt:
                 label = pat_label(r)
-                lines.append(row(rt, f"**{label}**" if k.startswith(f"pat-{highlight}:") else label, r))
+                lines.append(row(rt, f"**{label}**" if k == f"pat:{rt}" else label, r))
     st = runs.get("step_time")
     if st:
         lines.append("")

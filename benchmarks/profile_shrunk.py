@@ -6,7 +6,7 @@
 Shrinking the hidden size from d to k scales every linear layer by k/d (each has the hidden size as one of its
 two dimensions), but not the parts whose width is the number of heads x head_dim or the MLP width: the attention
 core (scores, softmax, weighted sum), rotary embeddings, the SiLU gate product. This script runs the same
-prefill forward on both models under ``torch.profiler``, sums the self CPU time of every operator into those
+prefill forward on both models, alternately, under ``torch.profiler``, sums the self CPU time of every operator into those
 groups and reports each group's time, its share, and its dense/shrunk ratio, so the gap between the measured
 speed-up and the ideal ``d / k`` is attributed to named operations. Result: benchmarks/results/profile_shrunk.json.
 """
@@ -44,38 +44,89 @@ def group_of(name: str) -> str:
     return "other"
 
 
-def profile(model_dir: str, batch: int, seq: int, repeats: int) -> dict:
+def _load(model_dir: str):
     from prunetune.io import load_model
 
     model, _, _ = load_model(model_dir, dtype="float32", device="cpu")
-    model.eval()
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        for _ in range(2):
-            model(input_ids=ids, use_cache=False)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-            for _ in range(repeats):
-                model(input_ids=ids, use_cache=False)
+    return model.eval()
+
+
+def _profile_once(model, ids) -> tuple[dict, dict, dict]:
+    """One profiled prefill forward: self CPU ms per group, per operator, and per matrix-product shape."""
+    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                        record_shapes=True) as prof:
+        model(input_ids=ids, use_cache=False)
     groups: dict[str, float] = {}
     ops: dict[str, float] = {}
     for ev in prof.key_averages():
-        us = ev.self_cpu_time_total / repeats
-        groups[group_of(ev.key)] = groups.get(group_of(ev.key), 0.0) + us
-        ops[ev.key] = us
-    mm = {}  # every matrix product by shape: time and achieved GFLOP/s (which products lose efficiency)
+        g = group_of(ev.key)
+        groups[g] = groups.get(g, 0.0) + ev.self_cpu_time_total / 1e3
+        ops[ev.key] = ev.self_cpu_time_total / 1e3
+    mm = {}
     for ev in prof.key_averages(group_by_input_shape=True):
         if ev.key == "aten::mm" and len(ev.input_shapes) >= 2 and len(ev.input_shapes[0]) == 2:
             (m, kk), (_, n) = ev.input_shapes[0], ev.input_shapes[1]
-            us = ev.self_cpu_time_total / repeats
-            calls = ev.count / repeats
-            mm[f"{m}x{kk} @ {kk}x{n}"] = {"ms": us / 1e3, "calls": calls,
-                                          "gflops": 2 * m * kk * n * calls / (us * 1e-6) / 1e9 if us else None}
-    total = sum(groups.values())
-    top = sorted(ops.items(), key=lambda kv: -kv[1])[:12]
-    return {"model": model_dir, "hidden_size": model.config.hidden_size, "total_ms": total / 1e3,
-            "groups_ms": {g: v / 1e3 for g, v in groups.items()},
-            "top_ops_ms": {k: v / 1e3 for k, v in top},
-            "mm_by_shape": dict(sorted(mm.items(), key=lambda kv: -kv[1]["ms"]))}
+            mm[f"{m}x{kk} @ {kk}x{n}"] = (ev.self_cpu_time_total / 1e3, ev.count, 2 * m * kk * n)
+    return groups, ops, mm
+
+
+def profile_pair(dense_dir: str, shrunk_dir: str, batch: int, seq: int, rounds: int) -> dict:
+    """Dense and shrunk profiled alternately, ``rounds`` times each (the machine's drift hits both alike);
+    every figure is the median over the rounds."""
+    import statistics
+
+    models = {"dense": _load(dense_dir), "shrunk": _load(shrunk_dir)}
+    runs = {k: [] for k in models}
+    for name, m in models.items():  # warm-up
+        ids = torch.randint(0, m.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            m(input_ids=ids, use_cache=False)
+    for _ in range(rounds):
+        for name, m in models.items():
+            ids = torch.randint(0, m.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+            runs[name].append(_profile_once(m, ids))
+    out = {}
+    for name, rs in runs.items():
+        groups = {g: statistics.median(r[0].get(g, 0.0) for r in rs) for g in set().union(*(r[0] for r in rs))}
+        ops = {o: statistics.median(r[1].get(o, 0.0) for r in rs) for o in set().union(*(r[1] for r in rs))}
+        mm = {}
+        for shape in set().union(*(r[2] for r in rs)):
+            ms = statistics.median(r[2][shape][0] for r in rs if shape in r[2])
+            _, calls, flop = next(r[2][shape] for r in rs if shape in r[2])
+            mm[shape] = {"ms": ms, "calls": calls, "gflops": flop * calls / (ms * 1e-3) / 1e9 if ms else None}
+        totals = [sum(r[0].values()) for r in rs]
+        out[name] = {"model": dense_dir if name == "dense" else shrunk_dir,
+                     "hidden_size": models[name].config.hidden_size, "total_ms": statistics.median(totals),
+                     "total_ms_per_round": totals, "groups_ms": groups,
+                     "top_ops_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:12]),
+                     "mm_by_shape": dict(sorted(mm.items(), key=lambda kv: -kv[1]["ms"]))}
+    return out
+
+
+def gemm_rates(hiddens, tokens: int, inter: int, qdim: int, repeats: int = 7) -> dict:
+    """GFLOP/s of the three kinds of projection at each hidden size (isolated F.linear, median of repeats):
+    whether the smaller shapes run the GEMM library less efficiently."""
+    import statistics
+    import time
+
+    import torch.nn.functional as F
+
+    def rate(x, w):
+        F.linear(x, w)
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            F.linear(x, w)
+            ts.append(time.perf_counter() - t)
+        return 2 * x.shape[0] * x.shape[1] * w.shape[0] / statistics.median(ts) / 1e9
+
+    out = {}
+    for h in hiddens:
+        x, y = torch.randn(tokens, h), torch.randn(tokens, inter)
+        out[str(h)] = {"gate/up (K=hidden)": rate(x, torch.randn(inter, h)),
+                       "down (N=hidden)": rate(y, torch.randn(h, inter)),
+                       "q (K=hidden)": rate(x, torch.randn(qdim, h))}
+    return out
 
 
 def main():
@@ -84,24 +135,31 @@ def main():
     ap.add_argument("--dense", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9, help="profiled forwards per model, alternating")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile_shrunk.json"))
     a = ap.parse_args()
     from prunetune.manifest import machine, versions, write_json_atomic
 
-    dense = profile(a.dense, a.batch_size, a.seq_len, a.repeats)
-    shrunk = profile(a.shrunk, a.batch_size, a.seq_len, a.repeats)
+    pair = profile_pair(a.dense, a.shrunk, a.batch_size, a.seq_len, a.repeats)
+    dense, shrunk = pair["dense"], pair["shrunk"]
     rows = {}
     for g in sorted(set(dense["groups_ms"]) | set(shrunk["groups_ms"]), key=lambda g: -dense["groups_ms"].get(g, 0)):
         dm, sm = dense["groups_ms"].get(g, 0.0), shrunk["groups_ms"].get(g, 0.0)
         rows[g] = {"dense_ms": dm, "shrunk_ms": sm, "dense_share": dm / dense["total_ms"],
                    "speedup": dm / sm if sm else None}
     ideal = dense["hidden_size"] / shrunk["hidden_size"]
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(a.dense)
+    rates = gemm_rates([dense["hidden_size"], shrunk["hidden_size"]], a.batch_size * a.seq_len,
+                       cfg.intermediate_size, cfg.num_attention_heads * (getattr(cfg, "head_dim", None)
+                                                                         or cfg.hidden_size // cfg.num_attention_heads))
     res = {"protocol": {"batch_size": a.batch_size, "seq_len": a.seq_len, "repeats": a.repeats, "dtype": "float32",
-                        "device": "cpu", "timer": "torch.profiler self CPU time per forward, mean of repeats",
+                        "device": "cpu", "timer": "torch.profiler self CPU time per forward; dense and shrunk alternate, median over repeats",
                         "threads": torch.get_num_threads(), "versions": versions(), "machine": machine(),
                         "command": " ".join(["python", "benchmarks/profile_shrunk.py", *sys.argv[1:]])},
            "ideal_speedup": ideal, "speedup_total": dense["total_ms"] / shrunk["total_ms"], "groups": rows,
+           "gemm_gflops": rates,
            "dense": dense, "shrunk": shrunk}
     write_json_atomic(Path(a.out), res)
     print(f"prefill {a.batch_size} x {a.seq_len}: dense {dense['total_ms']:.1f} ms, shrunk {shrunk['total_ms']:.1f} ms, "
@@ -110,6 +168,9 @@ def main():
     for g, r in rows.items():
         sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
         print(f"| {g} | {r['dense_ms']:.1f} | {r['dense_share']:.1%} | {r['shrunk_ms']:.1f} | {sp} |")
+    print("\nisolated projections, GFLOP/s\n| hidden | " + " | ".join(next(iter(rates.values()))) + " |\n|---|---|---|---|")
+    for h, r in rates.items():
+        print(f"| {h} | " + " | ".join(f"{v:.0f}" for v in r.values()) + " |")
     for name in ("dense", "shrunk"):
         print(f"\n{name}: matrix products by shape (per forward)\n| shape | calls | ms | GFLOP/s |\n|---|---|---|---|")
         for shape, r in res[name]["mm_by_shape"].items():

@@ -118,9 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--frozen-mask", action="store_true", help="pat ablation: a fixed channel block instead of a learned mask")
     p.add_argument("--mask-init", default="zero", choices=["zero", "activation"],
                    help="pat: W_M starts at 0 (as published) or warm-started from each channel's activation energy "
-                        "on the first training examples (default zero)")
-    p.add_argument("--mask-init-scale", type=float, default=0.5,
-                   help="pat, --mask-init activation: spread of the initial mask logits (default 0.5)")
+                        "on the first training examples or --mask-init-data (default zero)")
+    p.add_argument("--mask-init-scale", type=float, default=0.1,
+                   help="pat, --mask-init activation: spread of the initial mask logits (default 0.1)")
     p.add_argument("--mask-init-data", default=None,
                    help="pat, --mask-init activation: score channels on this corpus (c4, wikitext2, tinystories or "
                         "a text file) instead of the first training examples")

@@ -142,7 +142,7 @@ def _device(device) -> str:
 
 def method_config(method: str, *, spp_r=16, spp_alpha=32.0, spp_groups=16, spp_dropout=0.05, lora_r=8,
                   lora_alpha=16.0, lora_dropout=0.05, ratio=0.25, hio_rank=None, identity_loss=True,
-                  frozen_mask=False, mask_init="zero", mask_init_scale=0.5, milestone=1 / 3) -> dict:
+                  frozen_mask=False, mask_init="zero", mask_init_scale=0.1, milestone=1 / 3) -> dict:
     """The method's configuration as a plain dict (validated), as recorded next to the adapters."""
     if method == "spp":
         from .spp import SPPConfig
@@ -303,7 +303,7 @@ def tune(model=None, *, method: str, data, out, seq_len: int = 256, batch_size: 
          spp_r: int = 16, spp_alpha: float = 32.0, spp_dropout: float = 0.05, lora_r: int = 8,
          lora_alpha: float = 16.0, lora_dropout: float = 0.05, hio_rank: int | None = None,
          no_identity_loss: bool = False, frozen_mask: bool = False, mask_init: str = "zero",
-         mask_init_examples: int = 64, mask_init_scale: float = 0.5, mask_init_data: str | None = None,
+         mask_init_examples: int = 64, mask_init_scale: float = 0.1, mask_init_data: str | None = None,
          mask_init_seqlen: int = 512, milestone: float = 1 / 3, on_dense: str = "warn",
          dtype: str = "float32", device: str | None = None, overwrite: bool = False, resume: bool = False,
          progress: bool = True) -> dict:

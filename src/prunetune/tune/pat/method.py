@@ -60,9 +60,10 @@ class PATConfig:
     identity_weight: float = 1.0
     frozen_mask: bool = False          #: ablation: a fixed block (the last d − N_keep channels) fades out
     mask_init: str = "zero"            #: "zero" (W_M = 0) or "activation" (warm start from channel energy)
-    mask_init_scale: float = 0.5       #: spread of the warm-started W_M (per standardised log-energy unit):
-                                       #: large enough that τ(s)·W_M fades weak channels out gradually
-                                       #: before the milestone instead of all at once at s0
+    mask_init_scale: float = 0.1       #: spread of the warm-started W_M (per standardised log-energy unit):
+                                       #: small, so the gate stays near-uniform (a no-op behind RMSNorm)
+                                       #: early and the weak channels fade as τ(s) grows towards s0; 0.5
+                                       #: distorted the model from step 1 (BENCHMARKS.md §5)
     lora_r: int = 8                    #: 0 disables LoRA (HSMs only)
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
