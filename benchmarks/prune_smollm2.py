@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--corpora", nargs="*", default=["wikitext2", "c4"])
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune_smollm2.json"))
+    ap.add_argument("--dense-from", default=None,
+                    help="take the dense row from an earlier `prunetune eval` result (same corpora and windows)")
     ap.add_argument("--markdown", action="store_true", help="only print the table of an existing result file")
     a = ap.parse_args()
     out = Path(a.out)
@@ -63,11 +65,22 @@ def main():
                        "true_sequential": True, "damp": 0.01, "blocksize": 128, "dtype": "float32",
                        "versions": versions(), "machine": machine(),
                        "command": " ".join(["python", "benchmarks/prune_smollm2.py", *sys.argv[1:]])}
+
+    def save():  # re-read first: several benchmark processes (one per method) may share one result file
+        if out.is_file():
+            res["runs"] = {**json.loads(out.read_text())["runs"], **res["runs"]}
+        write_json_atomic(out, res)
+
+    if "dense" not in res["runs"] and a.dense_from:
+        ev = json.loads(Path(a.dense_from).read_text())
+        res["runs"]["dense"] = {"method": "dense", "sparsity": "0", "from": a.dense_from,
+                                "ppl": {c: ev["perplexity"][c]["ppl"] for c in a.corpora}}
+        save()
     if "dense" not in res["runs"]:
         t = time.time()
         res["runs"]["dense"] = {"method": "dense", "sparsity": "0", "ppl": {c: r["ppl"] for c, r in ppl_all(a.model, a.corpora, a.ppl_windows).items()},
                                 "eval_time_s": time.time() - t}
-        write_json_atomic(out, res)
+        save()
     for setting in a.settings:
         for method in a.methods:
             key = f"{method}@{setting}"
@@ -84,7 +97,7 @@ def main():
                                 "prune_peak_rss_mb": rep["manifest"]["peak_rss_mb"],
                                 "measured_sparsity": rep["total"]["sparsity_of_pruned_matrices"],
                                 "mean_rel_layer_error": rep["total"]["mean_rel_error"], "eval_time_s": time.time() - t}
-            write_json_atomic(out, res)
+            save()
             print(key, json.dumps(res["runs"][key]), flush=True)
     print(markdown(res))
 
