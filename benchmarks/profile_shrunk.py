@@ -76,14 +76,14 @@ def profile_pair(dense_dir: str, shrunk_dir: str, batch: int, seq: int, rounds: 
     import statistics
 
     models = {"dense": _load(dense_dir), "shrunk": _load(shrunk_dir)}
+    vocab = models["dense"].config.vocab_size  # the shrink keeps the vocabulary
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
     runs = {k: [] for k in models}
-    for name, m in models.items():  # warm-up
-        ids = torch.randint(0, m.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
+    with torch.inference_mode():
+        for m in models.values():  # warm-up
             m(input_ids=ids, use_cache=False)
     for _ in range(rounds):
         for name, m in models.items():
-            ids = torch.randint(0, m.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
             runs[name].append(_profile_once(m, ids))
     out = {}
     for name, rs in runs.items():
@@ -100,32 +100,6 @@ def profile_pair(dense_dir: str, shrunk_dir: str, batch: int, seq: int, rounds: 
                      "total_ms_per_round": totals, "groups_ms": groups,
                      "top_ops_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:12]),
                      "mm_by_shape": dict(sorted(mm.items(), key=lambda kv: -kv[1]["ms"]))}
-    return out
-
-
-def gemm_rates(hiddens, tokens: int, inter: int, qdim: int, repeats: int = 7) -> dict:
-    """GFLOP/s of the three kinds of projection at each hidden size (isolated F.linear, median of repeats):
-    whether the smaller shapes run the GEMM library less efficiently."""
-    import statistics
-    import time
-
-    import torch.nn.functional as F
-
-    def rate(x, w):
-        F.linear(x, w)
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            F.linear(x, w)
-            ts.append(time.perf_counter() - t)
-        return 2 * x.shape[0] * x.shape[1] * w.shape[0] / statistics.median(ts) / 1e9
-
-    out = {}
-    for h in hiddens:
-        x, y = torch.randn(tokens, h), torch.randn(tokens, inter)
-        out[str(h)] = {"gate/up (K=hidden)": rate(x, torch.randn(inter, h)),
-                       "down (N=hidden)": rate(y, torch.randn(h, inter)),
-                       "q (K=hidden)": rate(x, torch.randn(qdim, h))}
     return out
 
 
@@ -148,18 +122,11 @@ def main():
         rows[g] = {"dense_ms": dm, "shrunk_ms": sm, "dense_share": dm / dense["total_ms"],
                    "speedup": dm / sm if sm else None}
     ideal = dense["hidden_size"] / shrunk["hidden_size"]
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(a.dense)
-    rates = gemm_rates([dense["hidden_size"], shrunk["hidden_size"]], a.batch_size * a.seq_len,
-                       cfg.intermediate_size, cfg.num_attention_heads * (getattr(cfg, "head_dim", None)
-                                                                         or cfg.hidden_size // cfg.num_attention_heads))
     res = {"protocol": {"batch_size": a.batch_size, "seq_len": a.seq_len, "repeats": a.repeats, "dtype": "float32",
                         "device": "cpu", "timer": "torch.profiler self CPU time per forward; dense and shrunk alternate, median over repeats",
                         "threads": torch.get_num_threads(), "versions": versions(), "machine": machine(),
                         "command": " ".join(["python", "benchmarks/profile_shrunk.py", *sys.argv[1:]])},
            "ideal_speedup": ideal, "speedup_total": dense["total_ms"] / shrunk["total_ms"], "groups": rows,
-           "gemm_gflops": rates,
            "dense": dense, "shrunk": shrunk}
     write_json_atomic(Path(a.out), res)
     print(f"prefill {a.batch_size} x {a.seq_len}: dense {dense['total_ms']:.1f} ms, shrunk {shrunk['total_ms']:.1f} ms, "
@@ -168,9 +135,6 @@ def main():
     for g, r in rows.items():
         sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
         print(f"| {g} | {r['dense_ms']:.1f} | {r['dense_share']:.1%} | {r['shrunk_ms']:.1f} | {sp} |")
-    print("\nisolated projections, GFLOP/s\n| hidden | " + " | ".join(next(iter(rates.values()))) + " |\n|---|---|---|---|")
-    for h, r in rates.items():
-        print(f"| {h} | " + " | ".join(f"{v:.0f}" for v in r.values()) + " |")
     for name in ("dense", "shrunk"):
         print(f"\n{name}: matrix products by shape (per forward)\n| shape | calls | ms | GFLOP/s |\n|---|---|---|---|")
         for shape, r in res[name]["mm_by_shape"].items():
