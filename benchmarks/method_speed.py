@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from prunetune.manifest import machine, versions, write_json_atomic
-from prunetune.prune.hessian import relative_layer_error
-from prunetune.prune.masks import parse_sparsity
-from prunetune.prune.methods import get_method
+from prunetune.pruning.hessian import relative_layer_error
+from prunetune.pruning.masks import parse_sparsity
+from prunetune.pruning.methods import get_method
 
 SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
           "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}

@@ -15,7 +15,7 @@ Runs (all with the same data, steps, batch, sequence length, seed and LoRA rank/
   first training examples);
 - ``pat-zero:R``: the same with ``W_M = 0`` at the start, as published (for ``--zero-init-ratios``);
 - ``channel:R``: the dense model with the fraction R of hidden channels removed by activation importance
-  (``prunetune.tune.pat.channels``: energy of each channel at the output of every RMSNorm on C4
+  (``prunetune.structured.channels``: energy of each channel at the output of every RMSNorm on C4
   calibration windows), no training;
 - ``prune-then-tune:R``: LoRA on ``channel:R``, merged;
 - ``tune-then-prune:R``: ``lora`` with the fraction R of channels removed by the same importance.
@@ -75,15 +75,16 @@ def run_tune(model, method, out, a, **kw) -> dict:
                   eval_size=a.eval_size, max_records=a.max_records, checkpoint_every=0, overwrite=True,
                   device="cpu", progress=False, **kw)
     return {"train_wall_s": round(time.time() - t, 1), "peak_rss_mb": rep["manifest"]["peak_rss_mb"],
-            **_step_stats(rep, a), **({"pat": {k: v for k, v in rep["pat"].items() if k != "kept_channels"}}
+            **_step_stats(rep, a), **({"pat": {**{k: v for k, v in rep["pat"].items() if k != "kept_channels"},
+                                               "mask_init": (rep.get("setup") or {}).get("mask_init")}}
                                      if rep.get("pat") else {})}
 
 
 def channel_prune(src, ratio, out, a) -> dict:
     from prunetune.data.calibration import sample_calibration
     from prunetune.io import load_model
-    from prunetune.tune.pat import save_shrunk
-    from prunetune.tune.pat.channels import prune_channels
+    from prunetune.tuning.methods.pat import save_shrunk
+    from prunetune.structured.channels import prune_channels
 
     model, tok, _ = load_model(str(src), dtype="float32", device="cpu")
     calib, proto = sample_calibration(tok, "c4", a.calib_samples, a.calib_seqlen, seed=a.seed)
@@ -155,8 +156,7 @@ def main():
         "command": " ".join(["python", "benchmarks/pat_smollm2.py", *sys.argv[1:]]),
     }
 
-    init_data = {"mask_init_data": a.mask_init_data, "mask_init_examples": a.calib_samples,
-                 "mask_init_seqlen": a.calib_seqlen}
+    init_data = {"calib": a.mask_init_data, "calib_samples": a.calib_samples, "calib_seqlen": a.calib_seqlen}
 
     def record(key, row):  # re-read first: several benchmark processes may share one result file
         if out.is_file():
@@ -205,9 +205,9 @@ def main():
             d = work / f"pat-{name}-{r}"
             milestone = float(rest[0]) if rest and rest[0] else 1 / 3
             init = rest[1] if len(rest) > 1 else a.mask_init_data
-            data_kw = {} if init == "train" else {**init_data, "mask_init_data": init}
+            data_kw = {} if init == "train" else {**init_data, "calib": init}
             row = run_tune(a.dense, "pat", d, a, ratio=float(r), mask_init="activation", mask_init_scale=float(scale),
-                           no_identity_loss=idl == "0", milestone=milestone, **data_kw)
+                           identity_loss=idl != "0", milestone_frac=milestone, **data_kw)
             record(key, {"model": str(d), "ratio": float(r), "mask_init": "activation", "mask_init_scale": float(scale),
                          "identity_loss": idl != "0", "milestone": milestone, **row, **evaluate(d, a)})
     for r in a.zero_init_ratios:  # the published zero init, after the main table
@@ -224,10 +224,10 @@ def main():
 
 def _trainable(model_dir, method, **kw) -> int:
     from prunetune.io import load_model
-    from prunetune.tune.api import build_method, method_config
+    from prunetune.tuning.base import get_method
 
     net, _, _ = load_model(str(model_dir), dtype="float32", device="cpu")
-    tm = build_method(method, method_config(method, **kw))
+    tm = get_method(method)(**kw)
     net = tm.prepare(net)
     return sum(p.numel() for p in tm.trainable_parameters(net))
 
@@ -236,14 +236,14 @@ def step_time(a, work) -> dict:
     """PAT (LoRA r=8 + HSMs) vs LoRA whose rank gives about the same number of trainable parameters."""
     r = 0.25
     n_pat = _trainable(a.dense, "pat", ratio=r)
-    n_lora8 = _trainable(a.dense, "lora", lora_r=8)
+    n_lora8 = _trainable(a.dense, "lora", r=8)
     rank = max(1, round(8 * n_pat / n_lora8))
-    n_lora = _trainable(a.dense, "lora", lora_r=rank)
+    n_lora = _trainable(a.dense, "lora", r=rank)
     out = {"ratio": r, "steps": a.timing_steps, "pat_trainable": n_pat, "lora_rank": rank, "lora_trainable": n_lora}
     times = {}
     for rnd in range(2):  # interleaved: PAT, LoRA, PAT, LoRA
         for name, method, kw in (("pat", "pat", {"ratio": r, "mask_init": "activation"}),
-                                 ("lora", "lora", {"lora_r": rank})):
+                                 ("lora", "lora", {"r": rank})):
             rep = run_tune(a.dense, method, work / f"timing-{name}", a, steps=a.timing_steps, **kw)
             times.setdefault(name, []).append(rep["step_s_median"])
     out["pat_step_s"] = statistics.median(times["pat"])

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import prunetune as pt  # noqa: E402
-from prunetune.evaluate.perplexity import perplexity  # noqa: E402
+from prunetune.evaluation.perplexity import perplexity  # noqa: E402
 from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
 
 

@@ -31,7 +31,7 @@ from prunetune.paths import data_dir  # noqa: E402
 CONFIGS = {
     "lora r=8": ("lora", {}),
     "spp, dropout 0.05 (adapter path: a second full-size matmul)": ("spp", {}),
-    "spp, dropout 0 (fused: one matmul with the merged weight)": ("spp", {"spp_dropout": 0.0}),
+    "spp, dropout 0 (fused: one matmul with the merged weight)": ("spp", {"dropout": 0.0}),
 }
 
 

@@ -72,13 +72,41 @@ def save_tiny(family: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def run_cli(*args, cwd=None, env=None, timeout=600):
-    """Run ``python -m prunetune ARGS``; returns CompletedProcess with text output."""
+#: run by ``run_cli(kill_at=...)``: the CLI in a process that SIGKILLs itself at a known point, put there by
+#: patching the module function called at that point (no test hook in the shipped code)
+_KILLER = """
+import os, signal, sys
+kind, k = sys.argv[1], int(sys.argv[2])
+if kind == "layer":  # just before pruning decoder layer k (layers < k are finished and saved)
+    import prunetune.pruning.sequential as target
+    orig = target.prune_layer
+    def patched(layer, i, *a, **kw):
+        if i == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig(layer, i, *a, **kw)
+    target.prune_layer = patched
+else:  # just before optimiser step k (steps < k are done; the checkpoint at k, if one is due, is written)
+    import prunetune.tuning.trainer as target
+    orig = target._Runner.global_batch
+    def patched(self, step):
+        if step == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig(self, step)
+    target._Runner.global_batch = patched
+from prunetune.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600, kill_at=None):
+    """Run ``python -m prunetune ARGS``; returns CompletedProcess with text output. ``kill_at=("layer", k)``
+    or ``("step", k)``: the process kills itself with SIGKILL just before pruning layer k / optimiser step k."""
     e = dict(os.environ)
     e.update(env or {})
     e.setdefault("PYTHONUNBUFFERED", "1")
-    return subprocess.run([sys.executable, "-m", "prunetune", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=e, timeout=timeout)
+    cmd = [sys.executable, "-m", "prunetune"] if kill_at is None else \
+        [sys.executable, "-c", _KILLER, kill_at[0], str(kill_at[1])]
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=e, timeout=timeout)
 
 
 def assert_clean_error(proc, *needles):

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import importlib
 
+import prunetune
 import prunetune as pt
 from prunetune.paths import DEFAULT_MODEL
 
 
 def test_api_names_are_functions_even_after_subpackage_imports():
-    for mod in ("prunetune.prune.api", "prunetune.tune.api", "prunetune.evaluate.speed", "prunetune.evaluate.report"):
+    import prunetune.pruning.methods.apt  # noqa: F401  (a dotted import of a method module works)
+
+    for mod in ("prunetune.pruning.api", "prunetune.tuning.api", "prunetune.evaluation.speed", "prunetune.evaluation.report",
+                "prunetune.structured.api"):
         importlib.import_module(mod)
-    for name in ("load_model", "perplexity", "evaluate", "prune", "tune", "merge", "bench", "report"):
+    for name in ("load_model", "perplexity", "evaluate", "prune", "tune", "merge", "bench", "report", "shrink"):
         assert callable(getattr(pt, name)), name
+    assert prunetune.pruning.methods.apt.apt.__module__ == "prunetune.pruning.methods.apt"
 
 
 def test_prune_twice_in_one_process(tmp_path):

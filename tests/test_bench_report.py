@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from prunetune.errors import PrunetuneError
-from prunetune.evaluate import speed
-from prunetune.evaluate.report import report
-from prunetune.evaluate.speed import bench
+from prunetune.evaluation import speed
+from prunetune.evaluation.report import report
+from prunetune.evaluation.speed import bench
 from prunetune.manifest import sha256_file
 from prunetune.paths import DEFAULT_MODEL
 
@@ -160,7 +160,7 @@ def test_sparse_2to4_bookkeeping(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def eval_and_prune(tmp_path_factory):
     from prunetune.api import evaluate
-    from prunetune.prune.api import prune
+    from prunetune.pruning.api import prune
 
     d = tmp_path_factory.mktemp("results")
     ev = evaluate(str(DEFAULT_MODEL), ppl=["tinystories"], seqlen=128, max_windows=2, device="cpu",

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from prunetune.errors import PrunetuneError
 from prunetune.models import get_adapter
 from prunetune.paths import DEFAULT_MODEL
-from prunetune.tune.pat.channels import channel_scores, keep_channels, prune_channels, remove_channels
+from prunetune.structured.channels import channel_scores, keep_channels, prune_channels, remove_channels
 
 from conftest import tiny_model
 

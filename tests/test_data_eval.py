@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from prunetune.data import load_text, sample_calibration, token_stream
 from prunetune.errors import PrunetuneError
-from prunetune.evaluate.perplexity import perplexity, perplexity_of_ids
+from prunetune.evaluation.perplexity import perplexity, perplexity_of_ids
 from prunetune.io import load_model
 
 

@@ -63,7 +63,7 @@ def test_unsupported_gguf_architecture(ggufs):
 
 
 def test_cli_eval_gguf(ggufs, reference, tmp_path):
-    from prunetune.evaluate.perplexity import perplexity
+    from prunetune.evaluation.perplexity import perplexity
 
     out = tmp_path / "r.json"
     p = run_cli("eval", "--model", ggufs["ok"], "--ppl", "tinystories", "--seqlen", "128", "--max-windows", "2",

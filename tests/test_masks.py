@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prunetune.errors import PrunetuneError
-from prunetune.prune.masks import (SparsitySpec, is_nm_valid, num_pruned, parse_sparsity, prune_mask_matrix,
+from prunetune.pruning.masks import (SparsitySpec, is_nm_valid, num_pruned, parse_sparsity, prune_mask_matrix,
                                    prune_mask_nm, prune_mask_rows, sparsity_of)
 
 

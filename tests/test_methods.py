@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from prunetune.errors import PrunetuneError
-from prunetune.prune.hessian import (damp_hessian, inverse_cholesky_upper, layer_error, layer_error_stats,
+from prunetune.pruning.hessian import (damp_hessian, inverse_cholesky_upper, layer_error, layer_error_stats,
                                      prepare_hessian, relative_layer_error)
-from prunetune.prune.masks import is_nm_valid, num_pruned, parse_sparsity
-from prunetune.prune.methods import available, get_method
-from prunetune.prune.methods.apt import exact_solve
-from prunetune.prune.methods.sparsegpt import sparsegpt_prune
+from prunetune.pruning.masks import is_nm_valid, num_pruned, parse_sparsity
+from prunetune.pruning.methods import available, get_method
+from prunetune.pruning.methods.apt import exact_solve
+from prunetune.pruning.methods.sparsegpt import sparsegpt_prune
 
 SPECS = ["0.5", "0.7", "2:4", "4:8"]
 

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from prunetune.errors import PrunetuneError
 from prunetune.paths import DEFAULT_MODEL
-from prunetune.tune.pat import PATConfig, PATMethod, UnifiedMask, find_pat, shrink_model
-from prunetune.tune.pat.mask import beta, milestone, tau
+from prunetune.tuning.methods.pat import PATConfig, PATMethod, UnifiedMask, find_pat, shrink_model
+from prunetune.tuning.methods.pat.mask import beta, milestone, tau
 
 from conftest import tiny_model
 
@@ -308,7 +308,7 @@ def test_frozen_mask_ablation_runs_and_shrinks(tmp_path):
 
 
 def test_warm_start_makes_exactly_the_top_channels_live_and_leaves_the_model_unchanged_at_step_0():
-    from prunetune.tune.pat.method import warm_start
+    from prunetune.tuning.methods.pat.method import warm_start
 
     model = _llama()
     ids = torch.randint(0, 128, (2, 9))

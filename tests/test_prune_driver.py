@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from prunetune.api import prune
 from prunetune.io import partial_dir_for
 from prunetune.models import get_adapter
-from prunetune.prune.masks import is_nm_valid
+from prunetune.pruning.masks import is_nm_valid
 
 from conftest import FAMILIES, assert_clean_error, run_cli, save_tiny
 
@@ -113,7 +113,7 @@ def test_sigkill_and_resume_identical(tmp_path, stories_dir):
     ref = run_cli(*args, "--out", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
-    p = run_cli(*args, "--out", out, env={"PRUNETUNE_TEST_KILL_AFTER_LAYER": "2"})
+    p = run_cli(*args, "--out", out, kill_at=("layer", 3))
     assert p.returncode == -signal.SIGKILL
     assert not out.exists() and (partial_dir_for(out) / "resume" / "state.pt").is_file()
     r = run_cli(*args, "--out", out, "--resume")

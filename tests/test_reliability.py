@@ -264,7 +264,7 @@ def disk_full_json(mp, b, tmp):
 
 
 def disk_full_report(mp, b, tmp):
-    from prunetune.evaluate import report
+    from prunetune.evaluation import report
 
     real = open
 

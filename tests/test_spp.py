@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM
 from prunetune.errors import PrunetuneError
 from prunetune.models import get_adapter
 from prunetune.paths import DEFAULT_MODEL
-from prunetune.tune.lora import apply_lora, merge_lora
-from prunetune.tune.spp import (
+from prunetune.tuning.methods.lora import apply_lora, merge_lora
+from prunetune.tuning.methods.spp import (
     SPPConfig, SPPLinear, SPPMethod, apply_spp, block_sizes, count_trainable, load_spp_state_dict,
     merge_spp, spp_modules, spp_state_dict, weight_sparsity,
 )
@@ -169,10 +169,11 @@ def test_state_dict_roundtrip_and_mismatch():
 def test_dense_model_warns_or_refuses():
     m = load()
     assert weight_sparsity(m) < 0.01
-    with pytest.warns(UserWarning, match="dense"):
-        SPPMethod(SPPConfig()).prepare(m)
+    warned = SPPMethod(SPPConfig()).check(m)
+    assert len(warned) == 1 and "dense model" in warned[0]
+    assert SPPMethod(on_dense="ignore").check(m) == []
     with pytest.raises(PrunetuneError, match="dense"):
-        SPPMethod(SPPConfig(), on_dense="error").prepare(load())
+        SPPMethod(SPPConfig(on_dense="error")).check(load())
     with pytest.raises(PrunetuneError):
         SPPConfig(forward="fast")
     with pytest.raises(PrunetuneError):

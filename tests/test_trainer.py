@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunetune.errors import PrunetuneError
 from prunetune.paths import DEFAULT_MODEL, TINYSTORIES, data_dir
-from prunetune.tune.data import (
+from prunetune.tuning.data import (
     IGNORE_INDEX, alpaca_prompt, collate, load_instruction_data, load_text_data, load_tuning_data,
 )
-from prunetune.tune.lora import LoRAMethod
-from prunetune.tune.spp import SPPConfig, SPPMethod, spp_state_dict
-from prunetune.tune.trainer import TrainConfig, TuningMethod, train
+from prunetune.tuning.methods.lora import LoRAMethod
+from prunetune.tuning.methods.spp import SPPConfig, SPPMethod, spp_state_dict
+from prunetune.tuning.trainer import TrainConfig, TuningMethod, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -114,14 +114,14 @@ def test_bad_data_raises_one_liners(tok, tmp_path):
 # --- trainer -----------------------------------------------------------------------------------------
 
 def cfg(**kw):
-    base = dict(lr=1e-2, max_steps=6, batch_size=4, warmup_steps=1, schedule="cosine", seed=3,
+    base = dict(lr=1e-2, max_steps=6, batch_size=4, warmup=1, schedule="cosine", seed=3,
                 eval_every=3, progress=False)
     base.update(kw)
     return TrainConfig(**base)
 
 
 def test_resume_is_bit_identical_and_refuses_other_runs(tok, text_data, tmp_path):
-    method = lambda: SPPMethod(SPPConfig(dropout=0.05), on_dense="ignore")  # noqa: E731
+    method = lambda: SPPMethod(SPPConfig(dropout=0.05, on_dense="ignore"))  # noqa: E731
     full = train(load(), tok, method(), text_data, cfg(), tmp_path / "full")
     assert [h["step"] for h in full["history"]] == list(range(1, 7))
     assert "eval_loss" in full["history"][2] and full["eval_loss"] is not None
@@ -191,10 +191,10 @@ _DDP_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from prunetune.paths import DEFAULT_MODEL, TINYSTORIES
-    from prunetune.tune.data import load_text_data
-    from prunetune.tune.pat import PATConfig, PATMethod
-    from prunetune.tune.spp import SPPConfig, SPPMethod
-    from prunetune.tune.trainer import TrainConfig, train
+    from prunetune.tuning.data import load_text_data
+    from prunetune.tuning.methods.pat import PATConfig, PATMethod
+    from prunetune.tuning.methods.spp import SPPConfig, SPPMethod
+    from prunetune.tuning.trainer import TrainConfig, train
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
     data = load_text_data(TINYSTORIES, tok, seq_len=32, eval_size=4, seed=0)
@@ -202,7 +202,7 @@ _DDP_SCRIPT = textwrap.dedent("""
     batch = int(sys.argv[2])
     cfg = TrainConfig(lr=1e-2, max_steps=4, batch_size=batch, grad_accum=2, seed=3, eval_every=2,
                       progress=False, device="cpu")
-    method = (SPPMethod(SPPConfig(dropout=0.0), on_dense="ignore") if sys.argv[3] == "spp"
+    method = (SPPMethod(SPPConfig(dropout=0.0, on_dense="ignore")) if sys.argv[3] == "spp"
               else PATMethod(PATConfig(ratio=0.25, lora_r=4, lora_dropout=0.0)))
     r = train(model, tok, method, data, cfg, sys.argv[1])
     if r["world_size"] == 1 or torch.distributed.get_rank() == 0:

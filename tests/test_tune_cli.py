@@ -35,7 +35,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def alpaca():
-    from prunetune.tune.api import resolve_data
+    from prunetune.tuning.data import resolve_data
 
     try:
         return resolve_data("alpaca")
@@ -139,7 +139,7 @@ def test_merge_command_gives_the_tune_merge_weights(spp_run, runs):
 
 def test_spp_sigkill_then_resume_is_bit_identical(spp_run, pruned, runs):
     out = runs / "spp-killed"
-    p = run_cli("tune", "--model", pruned, *SPP_ARGS, "--out", out, env={**ENV, "PRUNETUNE_TEST_KILL_AFTER_STEP": "3"})
+    p = run_cli("tune", "--model", pruned, *SPP_ARGS, "--out", out, env=ENV, kill_at=("step", 3))
     assert p.returncode == -9, p.stderr[-3000:]
     partial = runs / ".spp-killed.partial"
     assert not out.exists() and (partial / "train" / "checkpoints" / "step-000002").is_dir()
@@ -187,7 +187,7 @@ def test_pat_writes_a_smaller_plain_checkpoint(pat_run, runs):
 
 def test_pat_sigkill_then_resume_is_bit_identical(pat_run, runs):
     out = runs / "pat-killed"
-    p = run_cli("tune", *PAT_ARGS, "--out", out, env={**ENV, "PRUNETUNE_TEST_KILL_AFTER_STEP": "3"})
+    p = run_cli("tune", *PAT_ARGS, "--out", out, env=ENV, kill_at=("step", 3))
     assert p.returncode == -9, p.stderr[-3000:]
     assert not out.exists()
     p = run_cli("tune", *PAT_ARGS, "--out", out, "--resume", env=ENV)
@@ -274,7 +274,7 @@ def test_bad_inputs_are_one_clear_line(tmp_path, alpaca):
         (["--method", "pat", "--ratio", "0"], ("ratio", "between 0 and 1")),
         (["--method", "pat", "--ratio", "0.9"], ("keeps 6 of 64", "num_attention_heads")),
         (["--method", "pat", "--model", opt], ("rmsnorm",)),
-        (["--method", "pat", "--mask-init-data", "tinystories"], ("mask-init-data", "activation")),
+        (["--method", "pat", "--mask-init-data", "tinystories"], ("--calib is not used by pat",)),
         (["--method", "spp", "--resume"], ("nothing to resume",)),
     ]
     for extra, needles in cases:
@@ -296,7 +296,7 @@ def test_pat_warm_started_mask_tunes_merges_and_starts_from_the_top_channels(run
     assert p.returncode == 0, p.stderr[-3000:]
     rep = json.loads((out / "tune_report.json").read_text())
     assert rep["method_config"]["mask_init"] == "activation"
-    assert rep["pat"]["hidden_size"] == 48 and rep["pat"]["mask_init"]["examples"] > 0
+    assert rep["pat"]["hidden_size"] == 48 and rep["setup"]["mask_init"]["calibration"]["examples"] > 0
     assert rep["history"][0]["l_active"] == 0.0  # exactly n_keep channels start live
     res = merge(out, out=runs / "pat-warm-merged", method="pat", device="cpu")
     assert res["pat"]["kept_channels"] == rep["pat"]["kept_channels"]
@@ -311,14 +311,112 @@ def test_pat_warm_start_on_a_corpus_starts_from_the_channel_pruning_baseline(run
     from prunetune.api import tune
     from prunetune.data.calibration import sample_calibration
     from prunetune.io import load_model
-    from prunetune.tune.pat.channels import channel_scores, keep_channels
+    from prunetune.structured.channels import channel_scores, keep_channels
 
     rep = tune(DEFAULT_MODEL, method="pat", data="alpaca", out=runs / "pat-corpus-init", ratio=0.25, max_steps=3,
                lr=1e-12, seq_len=192, batch_size=4, max_records=48, eval_size=8, checkpoint_every=0,
-               mask_init="activation", mask_init_data="tinystories", mask_init_examples=4, mask_init_seqlen=64,
+               mask_init="activation", calib="tinystories", calib_samples=4, calib_seqlen=64,
                device="cpu", progress=False)
-    assert rep["pat"]["mask_init"]["source"]["nsamples"] == 4 and rep["pat"]["mask_init"]["tokens"] == 256
+    assert rep["setup"]["mask_init"]["calibration"]["nsamples"] == 4 and rep["setup"]["mask_init"]["tokens"] == 256
     model, tok, _ = load_model(str(DEFAULT_MODEL), dtype="float32", device="cpu")
     calib, _ = sample_calibration(tok, "tinystories", 4, 64, seed=0)
     baseline = keep_channels(channel_scores(model, "activation", calib), 0.25, model.config)
     assert rep["pat"]["kept_channels"] == baseline.tolist()
+
+
+# --- distillation, rotation, PEFT adapters, the registry -------------------------------------------------
+
+def test_distilled_spp_follows_the_source_record_to_the_dense_teacher(pruned, runs, alpaca):
+    """--teacher auto of a pruned model is the model it was pruned from (its manifest's source_model); the KD
+    term is logged, the task loss still is, and the zero pattern is kept."""
+    from prunetune.api import tune
+
+    rep = tune(pruned, method="spp", data="alpaca", out=runs / "spp-kd", seq_len=192, max_records=24, batch_size=4,
+               max_steps=2, eval_size=4, merge=True, teacher="auto", kd_temperature=2.0, kd_weight=0.5,
+               checkpoint_every=0, device="cpu", progress=False)
+    kd = rep["distillation"]
+    assert kd["teacher"] == str(DEFAULT_MODEL.resolve()) and kd["temperature"] == 2.0 and kd["weight"] == 0.5
+    assert all(h["kd"] > 0 and h["loss"] > 0 for h in rep["history"])
+    assert rep["zero_pattern_check"]["identical"]
+    # the same run without a teacher has another fingerprint (a checkpoint of one cannot resume the other)
+    plain = tune(pruned, method="spp", data="alpaca", out=runs / "spp-nokd", seq_len=192, max_records=24,
+                 batch_size=4, max_steps=2, eval_size=4, checkpoint_every=0, device="cpu", progress=False)
+    assert plain["distillation"] is None and "kd" not in plain["history"][0]
+    assert plain["manifest"]["run_fingerprint"] != rep["manifest"]["run_fingerprint"]
+    assert plain["history"][0]["loss"] == pytest.approx(rep["history"][0]["loss"], rel=1e-6)
+
+
+def test_teacher_errors_are_one_clear_line(pruned, tmp_path, alpaca):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    big_vocab = tmp_path / "tiny-600"  # the stories260K tokenizer, but 600 logits instead of 512
+    AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=600, hidden_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=4, intermediate_size=64)).save_pretrained(big_vocab)
+    AutoTokenizer.from_pretrained(DEFAULT_MODEL).save_pretrained(big_vocab)
+    base = ["tune", "--method", "spp", "--model", pruned, *COMMON, "--max-steps", "1", "--out", tmp_path / "o"]
+    cases = [
+        (["--teacher", tmp_path / "nowhere"], ("cannot load the teacher", "nowhere")),
+        (["--teacher", big_vocab], ("predicts", "same vocabulary")),
+        (["--teacher", "auto", "--model", DEFAULT_MODEL], ("records no model", "--teacher MODEL")),
+        (["--teacher", DEFAULT_MODEL, "--kd-weight", "1.5"], ("weight", "[0, 1]")),
+    ]
+    for extra, needles in cases:
+        e = in_process(*base, *extra)
+        assert e.returncode == 2, (extra, e.stderr)
+        assert_clean_error(e, *needles)
+        assert leftovers(tmp_path, "o") == [], (extra, leftovers(tmp_path, "o"))
+
+
+def test_lora_adapters_are_a_peft_folder_with_the_same_logits(runs, alpaca):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from prunetune.api import tune
+    from prunetune.tuning.api import load_adapted
+
+    out = runs / "lora-peft"
+    tune(DEFAULT_MODEL, method="lora", data="alpaca", out=out, seq_len=192, max_records=24, batch_size=4,
+         max_steps=2, lr=5e-2, eval_size=0, checkpoint_every=0, device="cpu", progress=False)
+    base = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL).eval()
+    peft_model = PeftModel.from_pretrained(base, out / "adapters").eval()
+    ours, _, tm, _ = load_adapted(out, device="cpu")
+    ids = torch.tensor([[1, 42, 7, 300, 12, 9]])
+    with torch.no_grad():
+        a, b = peft_model(input_ids=ids).logits, ours(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL)(input_ids=ids).logits
+    assert tm.name == "lora" and torch.equal(a, b)
+    assert not torch.allclose(a, plain)  # the adapters did train
+
+
+def test_pat_on_the_rotated_model_exports_and_merges_the_same_smaller_model(runs, alpaca):
+    """--rotate: PAT trains on the rotated model (same function) and writes the smaller plain model; merge
+    re-applies the saved rotation and gives the same weights."""
+    from prunetune.api import merge, tune
+
+    out = runs / "pat-rot"
+    rep = tune(DEFAULT_MODEL, method="pat", data="alpaca", out=out, ratio=0.25, rotate=True, mask_init="activation",
+               calib="tinystories", calib_samples=4, calib_seqlen=64, teacher="auto", max_steps=3, lr=1e-3,
+               seq_len=192, batch_size=4, max_records=32, eval_size=4, checkpoint_every=0, device="cpu",
+               progress=False)
+    assert rep["setup"]["rotation"]["tokens"] == 256 and rep["pat"]["rotated"] and rep["pat"]["hidden_size"] == 48
+    assert rep["distillation"]["teacher"] == str(DEFAULT_MODEL)  # pat: the input itself
+    assert (out / "adapters" / "rotation.safetensors").is_file()
+    res = merge(out, out=runs / "pat-rot-merged", device="cpu")
+    assert res["pat"]["kept_channels"] == rep["pat"]["kept_channels"]
+    assert_same_weights(out, runs / "pat-rot-merged")
+
+
+def test_a_tune_method_is_one_registered_class():
+    """tune() and merge() find methods in the registry; options are checked against each method's Config."""
+    from prunetune.tuning.api import split_options
+    from prunetune.tuning.base import available, get_method
+
+    assert {"spp", "lora", "lora-masked", "dora", "pat"} <= set(available())
+    train, mine = split_options(get_method("pat"), {"ratio": 0.3, "lr": 1e-3, "rotate": True, "max_steps": 4})
+    assert train == {"lr": 1e-3, "max_steps": 4} and mine == {"ratio": 0.3, "rotate": True}
+    with pytest.raises(PrunetuneError, match="does not take option.*'groups'"):
+        split_options(get_method("lora"), {"groups": 4})
+    assert_clean_error(in_process("tune", "--method", "lora", "--spp-groups", "4", *COMMON, "--out", "x"),
+                       "--spp-groups does not apply to method lora")
+    assert_clean_error(in_process("tune", "--method", "lora", "--method-opt", "r", *COMMON, "--out", "x"),
+                       "KEY=VALUE")

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunetune.errors import PrunetuneError
-from prunetune.evaluate.zeroshot import evaluate_zeroshot, local_tasks
+from prunetune.evaluation.zeroshot import evaluate_zeroshot, local_tasks
 from prunetune.paths import DEFAULT_MODEL, data_dir
 
 pytest.importorskip("lm_eval")
@@ -159,7 +159,7 @@ def small_registry(tmp_path, monkeypatch):
     (indexing all of lm-eval's tasks takes ~20 s)."""
     from lm_eval.tasks import TaskManager
 
-    from prunetune.evaluate import zeroshot
+    from prunetune.evaluation import zeroshot
 
     data = write_jsonl(tmp_path / "hub_like.jsonl", [
         {"q": "Once upon a time, there was a little", "options": ["girl", "zq"], "label": 0},

@@ -6,17 +6,17 @@ Python API (the CLI is a thin layer over it)::
     model, tok, info = pt.load_model("path/or/hub-id/or/file.gguf")
     result = pt.perplexity(model, tok, "wikitext2", seqlen=512)
     pt.prune("model_dir", method="apt", sparsity="2:4", out="pruned_dir")
-    pt.tune("pruned_dir", method="spp", data="alpaca", out="tuned_dir", merge=True)
+    pt.shrink("model_dir", ratio=0.25, out="smaller_dir")                  # rotated, 25% fewer hidden channels
+    pt.tune("pruned_dir", method="spp", data="alpaca", out="tuned_dir", merge=True, teacher="auto")
 """
 
 __version__ = "0.1.0"
 
 from .errors import PrunetuneError  # noqa: E402
 
-# The subpackages ``prune``, ``tune`` and ``evaluate`` share their names with API functions. Importing a
-# subpackage for the first time rebinds the package attribute of that name to the module, so they are imported
-# here first (their ``__init__`` files are light) and the function names bound after them, to stay functions.
-from . import evaluate as _evaluate_pkg, prune as _prune_pkg, tune as _tune_pkg  # noqa: E402,F401
+# The API functions are bound lazily (importing torch and transformers takes seconds). The subpackages have
+# other names (pruning, tuning, evaluation, structured), so ``prunetune.prune`` stays a function and
+# ``import prunetune.pruning.methods.apt`` works.
 
 
 def _lazy(name):
@@ -30,7 +30,7 @@ def _lazy(name):
     return call
 
 
-_API = ("load_model", "perplexity", "evaluate", "prune", "tune", "merge", "bench", "report")
+_API = ("load_model", "perplexity", "evaluate", "prune", "shrink", "tune", "merge", "bench", "report")
 for _name in _API:
     globals()[_name] = _lazy(_name)
 del _name

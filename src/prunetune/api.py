@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from .errors import PrunetuneError
-from .evaluate.perplexity import perplexity
+from .evaluation.perplexity import perplexity
 from .io import check_output_file, load_model
 from .manifest import measure, versions, machine, write_json_atomic
 
-__all__ = ["load_model", "perplexity", "evaluate", "prune", "tune", "merge", "bench", "report"]
+__all__ = ["load_model", "perplexity", "evaluate", "prune", "shrink", "tune", "merge", "bench", "report"]
 
 
 def _device(device: str | None) -> str:
@@ -45,7 +45,7 @@ def evaluate(model=None, *, ppl: list[str] | tuple = ("wikitext2",), seqlen: int
             results["perplexity"][corpus] = perplexity(model_obj, tok, corpus, seqlen=seqlen, batch_size=batch_size,
                                                        max_windows=max_windows, progress=progress)
         if tasks:
-            from .evaluate.zeroshot import evaluate_zeroshot
+            from .evaluation.zeroshot import evaluate_zeroshot
 
             results["zeroshot"] = evaluate_zeroshot(model_obj, tok, list(tasks), limit=limit, tasks_dir=tasks_dir,
                                                     batch_size=batch_size, device=device)
@@ -60,35 +60,44 @@ def evaluate(model=None, *, ppl: list[str] | tuple = ("wikitext2",), seqlen: int
 
 
 def prune(*args, **kwargs):
-    from .prune.api import prune as _prune
+    from .pruning.api import prune as _prune
 
     return _prune(*args, **kwargs)
 
 
+def shrink(*args, **kwargs):
+    """A plain model with a smaller hidden size (pca | activation | magnitude); see
+    :func:`prunetune.structured.api.shrink`."""
+    from .structured.api import shrink as _shrink
+
+    return _shrink(*args, **kwargs)
+
+
 def bench(*args, **kwargs):
-    """Speed, memory and size of models side by side; see :func:`prunetune.evaluate.speed.bench`."""
-    from .evaluate.speed import bench as _bench
+    """Speed, memory and size of models side by side; see :func:`prunetune.evaluation.speed.bench`."""
+    from .evaluation.speed import bench as _bench
 
     return _bench(*args, **kwargs)
 
 
 def report(*args, **kwargs):
-    """Markdown tables and PNG plots from result files; see :func:`prunetune.evaluate.report.report`."""
-    from .evaluate.report import report as _report
+    """Markdown tables and PNG plots from result files; see :func:`prunetune.evaluation.report.report`."""
+    from .evaluation.report import report as _report
 
     return _report(*args, **kwargs)
 
 
 def tune(*args, **kwargs):
-    """Fine-tune a model (spp | lora | lora-masked | pat); see :func:`prunetune.tune.api.tune`."""
-    from .tune.api import tune as _tune
+    """Fine-tune a model (spp | lora | lora-masked | dora | pat, with optional distillation); see
+    :func:`prunetune.tuning.api.tune`."""
+    from .tuning.api import tune as _tune
 
     return _tune(*args, **kwargs)
 
 
 def merge(*args, **kwargs):
-    """Merge the adapters of a ``tune`` output into a plain checkpoint; see :func:`prunetune.tune.api.merge`."""
-    from .tune.api import merge as _merge
+    """Merge the adapters of a ``tune`` output into a plain checkpoint; see :func:`prunetune.tuning.api.merge`."""
+    from .tuning.api import merge as _merge
 
     return _merge(*args, **kwargs)
 

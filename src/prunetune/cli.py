@@ -1,4 +1,4 @@
-"""Command line: ``prunetune prune | tune | merge | eval | bench | report``.
+"""Command line: ``prunetune prune | shrink | tune | merge | eval | bench | report | demo``.
 
 Thin by design: parse, call the Python API, print. User errors become one line on stderr and exit 2.
 """
@@ -14,16 +14,29 @@ from . import __version__
 from .errors import PrunetuneError
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default where it has one and the help text does not say it already."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if not action.option_strings or "default" in h or d is None or d is False or d == [] or d is argparse.SUPPRESS:
+            return h
+        return f"{h} (default: %(default)s)"
+
+
 def _add_common_model(p, required=False):
     p.add_argument("--model", required=required, default=None,
                    help="local HF directory, Hub id, or .gguf file (default: the bundled stories260K)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
-    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default auto)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (a GPU when there is one)")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .pruning.methods import available as prune_methods
+
     ap = argparse.ArgumentParser(
-        prog="prunetune",
+        prog="prunetune", formatter_class=_Help,
         description="Make LLMs smaller and faster while keeping their accuracy, with numbers anyone can reproduce.",
         epilog="Sparsity: 0.5 = half of every pruned matrix is zero; 2:4 = 2 of every 4 consecutive input weights are KEPT.",
     )
@@ -32,111 +45,147 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     # eval ------------------------------------------------------------------------------------
-    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model",
-                       description="Perplexity (non-overlapping windows, DESIGN §6) and zero-shot tasks; one JSON with its manifest.")
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model", formatter_class=_Help,
+                       description="Perplexity over non-overlapping windows of a corpus (mean NLL of every predicted "
+                                   "token, exponentiated) and zero-shot multiple-choice accuracy through "
+                                   "lm-evaluation-harness; one JSON with its manifest.\n\nWhat is computed: --ppl "
+                                   "and/or --tasks as given; with neither, WikiText-2 perplexity (TinyStories for "
+                                   "the bundled model); --ppl without a corpus means that default corpus.")
     _add_common_model(p)
     p.add_argument("--ppl", nargs="*", default=None, metavar="CORPUS",
-                   help="wikitext2 | c4 | tinystories | FILE(.txt/.jsonl/.parquet); default: wikitext2 (tinystories for the bundled model)")
-    p.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+                   help="perplexity on: wikitext2 | c4 | tinystories | FILE (.txt/.jsonl/.parquet)")
+    p.add_argument("--seqlen", type=int, default=512, help="window length in tokens")
+    p.add_argument("--batch-size", type=int, default=8, help="windows (or task requests) per forward")
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (default: all)")
     p.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks, e.g. arc_easy,piqa,winogrande")
-    p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
-    p.add_argument("--tasks-dir", default=None, help="folder with the task .jsonl files")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each task (default: all)")
+    p.add_argument("--tasks-dir", default=None, help="folder with the task .jsonl files (default: the data folder's tasks/)")
     p.add_argument("--out", default=None, help="write the result JSON here")
 
     # prune -----------------------------------------------------------------------------------
-    p = sub.add_parser("prune", help="one-shot pruning: magnitude, wanda, sparsegpt, apt",
-                       description="Prune a model layer by layer with calibration data and write a plain HF checkpoint + report.")
+    p = sub.add_parser("prune", help="one-shot pruning: " + ", ".join(prune_methods()), formatter_class=_Help,
+                       description="Prune every linear of every decoder layer, layer by layer with calibration data, "
+                                   "and write a plain HF checkpoint + prune_report.json.")
     _add_common_model(p)
-    p.add_argument("--method", required=True, help="magnitude | wanda | sparsegpt | apt")
+    p.add_argument("--method", required=True, help=" | ".join(prune_methods()))
     p.add_argument("--sparsity", required=True, help="0.5 (unstructured), 2:4 or 4:8 (N:M keeps N of every M)")
-    p.add_argument("--calib", default="c4", help="calibration corpus: c4 | wikitext2 | tinystories | FILE (default c4)")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048, help="calibration window (clipped to the model's context)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--damp", type=float, default=0.01, help="Hessian dampening λ (fraction of mean diag)")
-    p.add_argument("--blocksize", type=int, default=128)
+    p.add_argument("--calib", default="c4", help="calibration corpus: c4 | wikitext2 | tinystories | FILE")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (clipped to the model's context)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    p.add_argument("--damp", type=float, default=0.01, help="Hessian dampening λ (fraction of the mean diagonal)")
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (also APT's start)")
     p.add_argument("--owl", action="store_true", help="non-uniform layer ratios from outlier ratios (OWL)")
     p.add_argument("--no-true-sequential", action="store_true", help="prune all linears of a layer from one pass")
+    p.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. select=obs or solver=direct for apt (repeatable; checked per method)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     p.add_argument("--eval", nargs="*", default=None, metavar="CORPUS", help="perplexity before/after on these corpora")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", required=True, help="output folder (written in one rename at the end)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--resume", action="store_true",
                    help="continue a killed run from its last finished layer (kept in the hidden .<out>.partial folder)")
 
+    # shrink ----------------------------------------------------------------------------------
+    from .structured.api import SHRINK_METHODS
+
+    p = sub.add_parser("shrink", help="one-shot structured shrink: a plain model with a smaller hidden size",
+                       formatter_class=_Help,
+                       description="Remove a fraction of the hidden channels (the residual stream) and write a plain, "
+                                   "smaller HF checkpoint (RMSNorm families).\n\n"
+                                   "  pca         rotate the residual stream to its principal directions (same "
+                                   "function),\n              then drop the directions of least variance\n"
+                                   "  activation  drop the channels of least energy at the RMSNorm outputs\n"
+                                   "  magnitude   drop the channels of smallest norm gains and reader weights (no data)")
+    _add_common_model(p)
+    p.add_argument("--ratio", type=float, required=True, help="fraction of hidden channels removed, in (0, 1)")
+    p.add_argument("--method", default="pca", choices=list(SHRINK_METHODS), help=" | ".join(SHRINK_METHODS))
+    p.add_argument("--calib", default="c4", help="calibration corpus: c4 | wikitext2 | tinystories | FILE")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (clipped to the model's context)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    p.add_argument("--eval", nargs="*", default=None, metavar="CORPUS", help="perplexity before/after on these corpora")
+    p.add_argument("--out", required=True, help="output folder (written in one rename at the end)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
     # tune ------------------------------------------------------------------------------------
+    from .tuning.base import available, get_method
+
+    methods = available()
+    lines = [f"  {m:<12} {(get_method(m).__doc__ or '').strip().splitlines()[0]}" for m in methods]
     p = sub.add_parser(
-        "tune", help="fine-tune: spp (keeps the sparsity pattern), lora, lora-masked, pat (shrinks the model)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "tune", help=f"fine-tune: {', '.join(methods)}", formatter_class=_Help,
         description="Fine-tune a (pruned) model and write adapters, a plain HF checkpoint and tune_report.json.\n\n"
-                    "  spp          sparsity-preserving: trainable factors multiply the frozen sparse weights; with\n"
-                    "               --merge the checkpoint has exactly the input's zero pattern (checked and recorded).\n"
-                    "               A dense input model only gets a warning (nothing to preserve; see --on-dense).\n"
-                    "  lora         LoRA baseline; --merge gives W + BA (dense: the sparsity is lost)\n"
-                    "  lora-masked  LoRA baseline; --merge adds BA only where W is non-zero\n"
-                    "  pat          pruning-aware tuning: learns which hidden channels to drop and always writes the\n"
-                    "               smaller plain checkpoint (hidden size round((1 - ratio) * d)); RMSNorm models only\n\n"
+                    + "\n".join(lines) + "\n\n"
+                    "spp and lora-masked keep the input's zeros (--merge writes and checks them); pat always writes\n"
+                    "the smaller plain checkpoint (RMSNorm models). --teacher distils from another model (auto: the\n"
+                    "model the input was pruned or shrunk from; for pat the input itself).\n"
                     "Interrupted runs keep their checkpoints in the hidden .<out>.partial folder next to --out;\n"
                     "rerun the same command with --resume to continue (bit-identical on CPU).",
     )
     _add_common_model(p)
-    p.add_argument("--method", required=True, help="spp | lora | lora-masked | pat")
+    p.add_argument("--method", required=True, metavar="METHOD", help=" | ".join(methods))
     p.add_argument("--data", required=True,
                    help="Alpaca .jsonl (instruction/input/output; loss on the response only), .jsonl with 'text' "
                         "or .txt (packed windows), or 'alpaca' (local data folder) / 'tinystories' (bundled)")
     p.add_argument("--out", required=True, help="output folder (written in one rename at the end)")
     p.add_argument("--seq-len", "--seqlen", dest="seq_len", type=int, default=256,
-                   help="tokens per example: cut-off (instruction data) or window (text) (default 256)")
-    p.add_argument("--batch-size", type=int, default=8, help="micro-batch size (default 8)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step; global batch = batch-size x grad-accum (default 1)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: spp 4e-3, lora 2e-4, pat 5e-5)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training split (default 1)")
+                   help="tokens per example: cut-off (instruction data) or window (text)")
+    p.add_argument("--batch-size", type=int, default=8, help="micro-batch size")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step; global batch = batch-size x grad-accum")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: " + ", ".join(f"{m} {get_method(m).default_lr:g}" for m in methods) + ")")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training split")
     p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
-    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (default 0)")
-    p.add_argument("--schedule", default="cosine", help="cosine | linear | constant (default cosine)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0, help="seed of the data order, split and adapter init (default 0)")
+    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    p.add_argument("--schedule", default="cosine", help="cosine | linear | constant")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order, split and adapter init")
     p.add_argument("--eval-size", type=float, default=0.05,
-                   help="held-out split: a fraction (< 1) or a number of examples (default 0.05)")
-    p.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (default 0: at the end only)")
+                   help="held-out split: a fraction (< 1) or a number of examples")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0: at the end only)")
     p.add_argument("--max-records", type=int, default=None, help="read only the first N records of the data file")
-    p.add_argument("--data-mode", default="auto", help="auto | instruction | text (default auto)")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps, for --resume (default 100; 0 = never)")
-    p.add_argument("--merge", action="store_true", help="spp/lora: also write the merged plain checkpoint (pat always does)")
-    p.add_argument("--ratio", type=float, default=0.25, help="pat: fraction of hidden channels removed, in (0, 1) (default 0.25)")
-    p.add_argument("--spp-groups", type=int, default=16, help="spp: row blocks sharing one factor row (default 16)")
-    p.add_argument("--spp-r", type=int, default=16, help="spp: r (scaling = alpha / r) (default 16)")
-    p.add_argument("--spp-alpha", type=float, default=32.0, help="spp: alpha (default 32)")
-    p.add_argument("--spp-dropout", type=float, default=0.05,
-                   help="spp: dropout on the adapter input (default 0.05); 0 fuses adapter and weight into one "
-                        "matmul (faster steps)")
-    p.add_argument("--lora-r", type=int, default=8, help="lora/pat: LoRA rank (default 8)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="lora/pat: LoRA alpha (default 16)")
-    p.add_argument("--hio-rank", type=int, default=None, help="pat: rank of the identity operators (default 5%% of hidden size)")
-    p.add_argument("--no-identity-loss", action="store_true", help="pat: drop the identity regulariser")
-    p.add_argument("--frozen-mask", action="store_true", help="pat ablation: a fixed channel block instead of a learned mask")
-    p.add_argument("--mask-init", default="zero", choices=["zero", "activation"],
-                   help="pat: W_M starts at 0 (as published) or warm-started from each channel's activation energy "
-                        "on the first training examples or --mask-init-data (default zero)")
-    p.add_argument("--mask-init-scale", type=float, default=0.1,
-                   help="pat, --mask-init activation: spread of the initial mask logits (default 0.1)")
-    p.add_argument("--mask-init-data", default=None,
-                   help="pat, --mask-init activation: score channels on this corpus (c4, wikitext2, tinystories or "
-                        "a text file) instead of the first training examples")
-    p.add_argument("--mask-init-examples", type=int, default=64,
-                   help="pat, --mask-init activation: examples (or corpus windows) scored (default 64)")
-    p.add_argument("--mask-init-seqlen", type=int, default=512,
-                   help="pat, --mask-init-data: tokens per corpus window (default 512)")
-    p.add_argument("--milestone", type=float, default=1 / 3,
-                   help="pat: fraction of the steps after which the mask is binary (default 1/3)")
-    p.add_argument("--on-dense", default="warn", help="spp on a dense model: warn (default) | error | ignore")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--data-mode", default="auto", help="auto | instruction | text")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps, for --resume (0 = never)")
+    p.add_argument("--merge", action="store_true", help="also write the merged plain checkpoint (pat always does)")
+    p.add_argument("--teacher", default=None, metavar="MODEL|auto",
+                   help="distil from this model (same vocabulary); auto: the model the input was pruned or shrunk "
+                        "from (pat: the input itself)")
+    p.add_argument("--kd-temperature", type=float, default=1.0, help="distillation temperature T")
+    p.add_argument("--kd-weight", type=float, default=1.0,
+                   help="loss = w * T^2 * KL(teacher || student) + (1 - w) * cross-entropy")
+    p.add_argument("--calib", "--mask-init-data", dest="calib", default=None,
+                   help="corpus of the windows a method looks at before training (pat: --rotate, --mask-init "
+                        "activation): c4, wikitext2, tinystories or a text file (default: the first training examples)")
+    p.add_argument("--calib-samples", "--mask-init-examples", dest="calib_samples", type=int, default=64,
+                   help="number of those windows (or training examples)")
+    p.add_argument("--calib-seqlen", "--mask-init-seqlen", dest="calib_seqlen", type=int, default=512,
+                   help="tokens per --calib window")
+    flags: dict[str, list[str]] = {}  # flag -> methods that take it (the first one's help is shown)
+    for m in methods:
+        for flag, _field, kw in get_method(m).cli_options:
+            if flag not in flags:
+                kw = dict(kw)
+                if kw.get("action") in ("store_true", "store_false"):  # None unless given, so it is only sent
+                    kw["const"] = kw.pop("action") == "store_true"     # to the method that takes it
+                    kw["action"] = "store_const"
+                if kw.get("action") != "store_const" and "choices" not in kw:
+                    kw.setdefault("metavar", flag.lstrip("-").replace("-", "_").upper())
+                p.add_argument(flag, dest=_flag_dest(flag), default=None, **kw)
+            flags.setdefault(flag, []).append(m)
+    for action in p._actions:
+        flag = next((o for o in action.option_strings if o in flags), None)
+        if flag is not None:
+            action.help = f"{action.help} [{', '.join(flags[flag])}]"
+    p.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any option of the method by its name (repeatable; see the method's Config)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run of the same settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     # merge -----------------------------------------------------------------------------------
-    p = sub.add_parser("merge", help="turn tune adapters into a plain HF checkpoint",
+    p = sub.add_parser("merge", help="turn tune adapters into a plain HF checkpoint", formatter_class=_Help,
                        description="Merge the adapters of a 'prunetune tune' output into a plain Hugging Face "
                                    "checkpoint: spp -> merged sparse (same zero pattern, checked), lora -> W + BA, "
                                    "lora-masked -> W + mask * BA, pat -> the shrunk model.")
@@ -151,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
 
     # bench ------------------------------------------------------------------------------------
     p = sub.add_parser("bench", help="prefill/decode speed, memory, size: models side by side, interleaved",
+                       formatter_class=_Help,
                        description="Speed and memory of one or more models, measured interleaved with repetitions; "
                                    "medians, min/max and ratios to the first model; one JSON with its manifest.")
     p.add_argument("--model", default=None, help="the reference model (default: the bundled stories260K)")
@@ -169,7 +219,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the result JSON here")
 
     # report -----------------------------------------------------------------------------------
-    p = sub.add_parser("report", help="Markdown tables and PNG plots from result JSONs",
+    p = sub.add_parser("report", help="Markdown tables and PNG plots from result JSONs", formatter_class=_Help,
                        description="Turn prunetune eval / prune / bench results (and benchmark result files) into "
                                    "report.md with tables and PNG plots: perplexity vs sparsity per method, accuracy "
                                    "per task, speed vs batch size.")
@@ -178,6 +228,7 @@ def _parser() -> argparse.ArgumentParser:
 
     # demo ------------------------------------------------------------------------------------
     p = sub.add_parser("demo", help="prune the bundled stories260K with every method and print before/after",
+                       formatter_class=_Help,
                        description="The main job on the embedded default model; runs offline in about a minute.")
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt,apt")
     p.add_argument("--sparsity", nargs="*", default=["0.5", "2:4"])
@@ -196,10 +247,12 @@ def _cmd_eval(a):
     from .api import evaluate
     from .paths import DEFAULT_MODEL
 
-    ppl = a.ppl
-    if ppl is None:
-        ppl = ["tinystories"] if a.model is None or str(a.model) == str(DEFAULT_MODEL) else ["wikitext2"]
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()] if a.tasks else None
+    default = ["tinystories"] if a.model is None or str(a.model) == str(DEFAULT_MODEL) else ["wikitext2"]
+    if a.ppl is None:  # neither: the default corpus; --tasks alone: only the tasks
+        ppl = [] if tasks else default
+    else:
+        ppl = a.ppl or default
     if a.limit is not None and a.limit <= 0:
         raise PrunetuneError(f"--limit must be positive (got {a.limit})")
     res = evaluate(a.model, ppl=ppl, seqlen=a.seqlen, batch_size=a.batch_size, max_windows=a.max_windows, tasks=tasks,
@@ -222,34 +275,79 @@ def _cmd_prune(a):
     res = prune(a.model, method=a.method, sparsity=a.sparsity, out=a.out, calib=a.calib, nsamples=a.nsamples,
                 seqlen=a.seqlen, seed=a.seed, damp=a.damp, blocksize=a.blocksize, owl=a.owl,
                 true_sequential=not a.no_true_sequential, eval_corpora=a.eval, dtype=a.dtype, device=a.device,
-                overwrite=a.overwrite, resume=a.resume)
+                overwrite=a.overwrite, resume=a.resume, batch_size=a.batch_size,
+                method_opts=parse_method_opts(a.method_opt))
     print(res["summary_table"])
     print(f"wrote {a.out}")
 
 
+def _cmd_shrink(a):
+    from .api import shrink
+
+    res = shrink(a.model, ratio=a.ratio, out=a.out, method=a.method, calib=a.calib, nsamples=a.nsamples,
+                 seqlen=a.seqlen, seed=a.seed, batch_size=a.batch_size, eval_corpora=a.eval, dtype=a.dtype,
+                 device=a.device, overwrite=a.overwrite)
+    print(res["summary_table"])
+    print(f"wrote {a.out}")
+
+
+def _flag_dest(flag: str) -> str:
+    return "opt_" + flag.lstrip("-").replace("-", "_")
+
+
+def _method_options(a) -> dict:
+    """The chosen method's options from its flags and --method-opt; a flag of another method is refused."""
+    from .tuning.base import available, get_method
+
+    cls = get_method(a.method)
+    mine = {flag: field for flag, field, _ in cls.cli_options}
+    opts = {}
+    for m in available():
+        for flag, _field, _ in get_method(m).cli_options:
+            v = getattr(a, _flag_dest(flag), None)
+            if v is None:
+                continue
+            if flag not in mine:
+                raise PrunetuneError(f"{flag} does not apply to method {a.method}")
+            opts[mine[flag]] = v
+    opts.update(parse_method_opts(a.method_opt))
+    return opts
+
+
+def parse_method_opts(items) -> dict:
+    """``KEY=VALUE`` strings to a dict; values are read as JSON where they parse (numbers, true/false, lists)."""
+    out = {}
+    for item in items or ():
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise PrunetuneError(f"--method-opt takes KEY=VALUE (got '{item}')")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
 def _cmd_tune(a):
     from .api import tune
-    from .tune.api import summary
+    from .tuning.api import summary
 
     eval_size = int(a.eval_size) if a.eval_size >= 1 and float(a.eval_size).is_integer() else a.eval_size
-    res = tune(a.model, method=a.method, data=a.data, out=a.out, seq_len=a.seq_len, batch_size=a.batch_size,
-               grad_accum=a.grad_accum, lr=a.lr, epochs=a.epochs, max_steps=a.max_steps, warmup=a.warmup,
-               schedule=a.schedule, weight_decay=a.weight_decay, seed=a.seed, eval_every=a.eval_every,
-               eval_size=eval_size, max_records=a.max_records, data_mode=a.data_mode,
-               checkpoint_every=a.checkpoint_every, merge=a.merge, ratio=a.ratio, spp_groups=a.spp_groups,
-               spp_r=a.spp_r, spp_alpha=a.spp_alpha, spp_dropout=a.spp_dropout, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
-               hio_rank=a.hio_rank, no_identity_loss=a.no_identity_loss, frozen_mask=a.frozen_mask,
-               mask_init=a.mask_init, mask_init_scale=a.mask_init_scale,
-               mask_init_data=a.mask_init_data, mask_init_examples=a.mask_init_examples,
-               mask_init_seqlen=a.mask_init_seqlen, milestone=a.milestone, on_dense=a.on_dense, dtype=a.dtype, device=a.device, overwrite=a.overwrite, resume=a.resume,
-               progress=not a.no_progress)
+    res = tune(a.model, method=a.method, data=a.data, out=a.out, merge=a.merge, teacher=a.teacher,
+               kd_temperature=a.kd_temperature, kd_weight=a.kd_weight, calib=a.calib, calib_samples=a.calib_samples,
+               calib_seqlen=a.calib_seqlen, seq_len=a.seq_len, eval_size=eval_size, max_records=a.max_records,
+               data_mode=a.data_mode, dtype=a.dtype, device=a.device, overwrite=a.overwrite, resume=a.resume,
+               progress=not a.no_progress, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
+               epochs=a.epochs, max_steps=a.max_steps, warmup=a.warmup, schedule=a.schedule,
+               weight_decay=a.weight_decay, seed=a.seed, eval_every=a.eval_every,
+               checkpoint_every=a.checkpoint_every, **_method_options(a))
     print(summary(res))
     print(f"wrote {a.out}")
 
 
 def _cmd_merge(a):
     from .api import merge
-    from .tune.api import summary
+    from .tuning.api import summary
 
     res = merge(a.adapters, out=a.out, method=a.method, model=a.model, dtype=a.dtype, device=a.device,
                 overwrite=a.overwrite)
@@ -265,7 +363,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def _cmd_bench(a):
-    from .evaluate.speed import bench, summary_table
+    from .evaluation.speed import bench, summary_table
     from .paths import DEFAULT_MODEL
 
     models = [a.model or str(DEFAULT_MODEL), *a.compare]
@@ -279,14 +377,14 @@ def _cmd_bench(a):
 
 
 def _cmd_report(a):
-    from .evaluate.report import report
+    from .evaluation.report import report
 
     res = report(a.results, out_dir=a.out)
     print(f"wrote {res['report']}" + (f" and {len(res['plots'])} plot(s)" if res["plots"] else ""))
 
 
-COMMANDS = {"eval": _cmd_eval, "prune": _cmd_prune, "tune": _cmd_tune, "merge": _cmd_merge, "bench": _cmd_bench,
-            "report": _cmd_report, "demo": _cmd_demo}
+COMMANDS = {"eval": _cmd_eval, "prune": _cmd_prune, "shrink": _cmd_shrink, "tune": _cmd_tune, "merge": _cmd_merge,
+            "bench": _cmd_bench, "report": _cmd_report, "demo": _cmd_demo}
 
 
 def main(argv=None) -> int:

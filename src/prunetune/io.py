@@ -44,6 +44,13 @@ class ModelSource:
     gguf_file: str | None = None
     weight_files: list[str] = field(default_factory=list)
 
+    def location(self) -> str:
+        """The model as an absolute path (the .gguf file for GGUF), or the Hub id: recorded as ``source_model``."""
+        if self.kind == "hub":
+            return self.spec
+        p = Path(self.path) / self.gguf_file if self.gguf_file else Path(self.path)
+        return str(p.expanduser().resolve())
+
     def describe(self, with_hash: bool = True) -> dict:
         d = {"spec": self.spec, "kind": self.kind, "path": self.path}
         if self.gguf_file:
@@ -269,14 +276,19 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False, keep_partial=
         if not keep():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_dir(tmp, out, overwrite)
+
+
+def publish_dir(stage: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished folder ``stage`` to ``out`` (an existing ``out`` is replaced only now, in one step)."""
     old = None
     if out.exists():
         if not overwrite:
             raise PrunetuneError(f"output directory '{out}' already exists (use --overwrite to replace it)")
-        old = out.parent / f".{out.name}.old"
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{id(stage):x}"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)
-    os.replace(tmp, out)
+    os.replace(stage, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

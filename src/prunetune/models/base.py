@@ -91,6 +91,8 @@ class ModelAdapter:
     residual_readers: list[str] = []
     layer_norms: list[str] = []
     norm_kind: str = "rmsnorm"
+    #: the linears that read each layer norm's output (a norm gain folds into them; rotation needs it)
+    norm_readers: dict[str, list[str]] = {}
     #: linears whose forward the model bypasses (it reads ``.weight`` directly): name -> the module whose
     #: output determines their input; ``derive_input`` computes it (see the Mamba adapter)
     derived_inputs: dict[str, str] = {}
@@ -129,6 +131,20 @@ class ModelAdapter:
 
     def linear_names(self) -> list[str]:
         return [n for g in self.linear_groups for n in g]
+
+    def select_linears(self, names: list[str] | None = None, what: str = "target") -> list[str]:
+        """``names`` (None: every linear of a layer) checked against the layer's linears, in one clear line."""
+        known = self.linear_names()
+        if names is None:
+            return known
+        unknown = [t for t in names if t not in known]
+        if unknown:
+            raise PrunetuneError(f"unknown {what}(s) {', '.join(unknown)} (this model has: {', '.join(known)})")
+        return list(names)
+
+    def linear_paths(self, names: list[str] | None = None) -> list[str]:
+        """Full module paths of the named linears (default: all of them) in every decoder layer."""
+        return [f"{self.layers_path}.{i}.{n}" for i in range(self.num_layers) for n in self.select_linears(names)]
 
     def linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
         return {n: layer.get_submodule(n) for n in self.linear_names()}

@@ -18,3 +18,5 @@ class LlamaAdapter(ModelAdapter):
     residual_readers = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"]
     layer_norms = ["input_layernorm", "post_attention_layernorm"]
     norm_kind = "rmsnorm"
+    norm_readers = {"input_layernorm": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                    "post_attention_layernorm": ["mlp.gate_proj", "mlp.up_proj"]}

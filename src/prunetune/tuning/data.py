@@ -17,6 +17,7 @@ The held-out split is deterministic: examples are permuted with ``random.Random(
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import random
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import PrunetuneError
+from ..paths import TINYSTORIES, data_dir
 
 IGNORE_INDEX = -100
 
@@ -44,6 +46,63 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     if input and input.strip():
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+NAMED_DATA = ("alpaca", "tinystories")
+
+
+def resolve_data(data) -> Path:
+    """A data file, or ``alpaca`` (the local data folder's instruct/alpaca_14k.jsonl) or ``tinystories``
+    (the bundled TinyStories excerpt, plain text)."""
+    if data is None or str(data) == "":
+        raise PrunetuneError("no tuning data given (a .jsonl/.txt file, 'alpaca' or 'tinystories')")
+    s = str(data)
+    if s == "tinystories" and not Path(s).exists():
+        return TINYSTORIES
+    if s == "alpaca" and not Path(s).exists():
+        d = data_dir()
+        f = d / "instruct" / "alpaca_14k.jsonl" if d is not None else None
+        if f is None or not f.is_file():
+            raise PrunetuneError("'alpaca' needs the local data folder with instruct/alpaca_14k.jsonl "
+                                 "(set PRUNETUNE_DATA) or give the path of a .jsonl file")
+        return f
+    p = Path(s).expanduser()
+    if not p.is_file():
+        raise PrunetuneError(f"data file not found: {p}")
+    return p
+
+
+def _check_text(path: Path) -> None:
+    """Refuse a binary or non-UTF-8 data file in one line (its first 64 KiB tell)."""
+    with path.open("rb") as f:
+        head = f.read(1 << 16)
+    if b"\x00" in head:
+        raise PrunetuneError(f"{path}: looks like a binary file, not text")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at the end is fine
+    except UnicodeDecodeError as e:
+        raise PrunetuneError(f"{path}: is not UTF-8 text (byte {e.start})") from None
+
+
+def check_data_file(path: Path, mode: str) -> None:
+    """Refuse a jsonl whose first record is neither Alpaca (instruction/output) nor text, in one line."""
+    _check_text(path)
+    if mode != "auto" or path.suffix == ".txt":
+        return
+    with path.open(encoding="utf-8", errors="replace") as f:  # _check_text has refused non-UTF-8 starts
+        first = next((line for line in f if line.strip()), None)
+    if first is None:
+        raise PrunetuneError(f"{path}: the data file is empty")
+    try:
+        rec = json.loads(first)
+    except json.JSONDecodeError:
+        raise PrunetuneError(f"{path}: line 1 is not valid JSON") from None
+    if not isinstance(rec, dict):
+        raise PrunetuneError(f"{path}: line 1 is not a JSON object")
+    if "instruction" not in rec and "text" not in rec:
+        found = ", ".join(sorted(map(str, rec))[:6]) or "none"
+        raise PrunetuneError(f"{path}: records need Alpaca fields (instruction, input, output) or a 'text' field "
+                             f"(line 1 has: {found})")
 
 
 @dataclass

@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +15,7 @@ import torch
 from ..checkpoint import ShardWriter, materialize, open_streaming, release
 from ..data.calibration import sample_calibration
 from ..errors import PrunetuneError
-from ..evaluate.perplexity import max_positions, perplexity
+from ..evaluation.perplexity import max_positions, perplexity
 from ..io import (all_finite, atomic_output_dir, check_output_dir, load_model, parse_dtype, partial_dir_for,
                   resolve_model, verify_manifest, write_manifest)
 from ..manifest import machine, measure, peak_rss_mb, versions
@@ -182,8 +180,6 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                 tmp_state.replace(tmp / RESUME / "state.pt")
                 if streaming:
                     release(layer)
-                if os.environ.get("PRUNETUNE_TEST_KILL_AFTER_LAYER") == str(i):  # lets tests SIGKILL at a known point
-                    os.kill(os.getpid(), signal.SIGKILL)
 
             sequential_prune(net, batches=batches, cfg=cfg, device=device, on_layer_done=on_layer_done,
                              start_layer=start_layer, start_hidden=start_hidden if resume else inputs.hidden,
@@ -200,7 +196,8 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
             if eval_corpora:
                 report["eval"] = _eval_pair(src.spec, tmp, eval_corpora, eval_seqlen, eval_max_windows, dtype, device)
             (tmp / REPORT).write_text(json.dumps(report, indent=2, default=str) + "\n")
-            write_manifest(tmp, {"tool": "prunetune", "command": "prune", "fingerprint": fingerprint})
+            write_manifest(tmp, {"tool": "prunetune", "command": "prune", "fingerprint": fingerprint,
+                                 "source_model": src.location()})
     # wall time and peak memory of the whole job, including the evaluation
     report["manifest"].update(meas.as_dict())
     report["summary_table"] = summary_table(report)

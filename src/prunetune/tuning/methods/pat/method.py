@@ -36,16 +36,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...errors import PrunetuneError
-from ...models import get_adapter
-from ..trainer import TuningMethod
+from ....errors import PrunetuneError
+from ....models import get_adapter
+from ....structured.slicing import check_sliceable, keep_count
+from ...base import TuningMethod, register
 from .hsm import PATModules, default_rank
-from .mask import TAU_HARD, n_keep_for
-from .shrink import PAT_ATTR, choose_hidden_size, find_pat, loadable_hidden_size, save_shrunk, shrink_model
+from .mask import TAU_HARD
+from .shrink import PAT_ATTR, find_pat, save_shrunk, shrink_model
 
 log = logging.getLogger("prunetune")
 
 ADAPTER_FILE = "pat_adapters.safetensors"
+ROTATION_FILE = "rotation.safetensors"
 MASK_INITS = ("zero", "activation")
 CONFIG_FILE = "pat_config.json"
 
@@ -67,6 +69,9 @@ class PATConfig:
     lora_r: int = 8                    #: 0 disables LoRA (HSMs only)
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
+    rotate: bool = False               #: start from the model with its residual stream rotated to principal
+                                       #: directions (same function; structured.rotation), so the mask ranks
+                                       #: directions of decreasing variance instead of raw channels
 
     def __post_init__(self):
         if not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio) or not 0 < self.ratio < 1:
@@ -90,14 +95,11 @@ class PATConfig:
 
 def check_model(model: nn.Module, config: PATConfig) -> tuple[int, int]:
     """Validate a model for PAT; returns ``(d, n_keep)``."""
-    adapter = get_adapter(model)
-    if adapter.norm_kind != "rmsnorm":
-        raise PrunetuneError(
-            f"PAT needs RMSNorm (model type '{model.config.model_type}' uses {adapter.norm_kind}, which mixes "
-            "channels, so pruned channels would not stay zero)"
-        )
-    if getattr(model.config, "rms_norm_eps", None) is None:
-        raise PrunetuneError(f"PAT needs RMSNorm with 'rms_norm_eps' in the config ({model.config.model_type})")
+    adapter = check_sliceable(model, "PAT")
+    if config.rotate:
+        from ....structured.rotation import check_rotatable
+
+        check_rotatable(model)
     d = adapter.hidden_size
     n_keep = keep_count(model.config, d, config.ratio, what="PAT ratio")
     r = config.hio_rank if config.hio_rank is not None else default_rank(d)
@@ -122,57 +124,90 @@ def warm_start(scores: torch.Tensor | None, n_keep: int, scale: float) -> torch.
     return (scale * (z - theta)).float()
 
 
-def keep_count(model_config, d: int, ratio: float, what: str = "ratio") -> int:
-    """Channels kept at ``ratio``: ``round((1 − ratio) · d)``, moved to the nearest hidden size that plain
-    transformers can load for this family (Llama: a multiple of ``num_attention_heads``; a warning says so).
-    At least ``num_attention_heads`` channels: q/k/v keep their ``heads · head_dim`` outputs but read only
-    ``k`` inputs, so below one input direction per head the heads cannot attend independently."""
-    target = n_keep_for(d, ratio)
-    if target >= d:
-        raise PrunetuneError(f"{what} {ratio} removes no channel of hidden size {d}")
-    heads = int(getattr(model_config, "num_attention_heads", 1) or 1)
-    if target < heads:
-        raise PrunetuneError(
-            f"{what} {ratio} keeps {target} of {d} hidden channels; at least {heads} "
-            f"(num_attention_heads) are needed (ratio ≤ {1 - heads / d:.4f})"
-        )
-    if loadable_hidden_size(model_config, target):
-        return target
-    k = choose_hidden_size(model_config, target, heads)
-    if k is None:
-        raise PrunetuneError(f"{what} {ratio}: no hidden size below {d} that this model family can load")
-    log.warning("%s %s: keeping %d of %d channels instead of %d (removed share %.4f): %s configs need a hidden "
-                "size that is a multiple of %s", what, ratio, k, d, target, 1 - k / d, model_config.model_type,
-                "num_attention_heads" if k % heads == 0 else "a family-specific step")
-    return k
-
-
 def hsm_paths(model: nn.Module) -> list[str]:
     """Module paths whose outputs get an HSM: the token embedding, then each layer's residual writers."""
     a = get_adapter(model)
     return [a.embed_path] + [f"{a.layers_path}.{i}.{w}" for i in range(a.num_layers) for w in a.residual_writers]
 
 
-def lora_paths(model: nn.Module) -> list[str]:
-    a = get_adapter(model)
-    return [f"{a.layers_path}.{i}.{n}" for i in range(a.num_layers) for n in a.linear_names()]
-
-
+@register
 class PATMethod(TuningMethod):
-    """Pruning-aware tuning: LoRA on every decoder linear + HSMs with one shared channel mask."""
+    """PAT: LoRA + HSMs learn which hidden channels to drop; the result is a smaller plain model."""
 
     name = "pat"
-    find_unused_parameters = False
+    Config = PATConfig
+    default_lr = 5e-5
+    always_exports = True
+    teacher_is_input = True
+    cli_options = (
+        ("--ratio", "ratio", {"type": float, "help": "fraction of hidden channels removed, in (0, 1) (default 0.25)"}),
+        ("--hio-rank", "hio_rank", {"type": int, "help": "rank of the identity operators (default 5%% of hidden size)"}),
+        ("--milestone", "milestone_frac", {"type": float, "help": "fraction of the steps after which the mask is "
+                                                                 "binary (default 1/3)"}),
+        ("--no-identity-loss", "identity_loss", {"action": "store_false", "help": "drop the identity regulariser"}),
+        ("--frozen-mask", "frozen_mask", {"action": "store_true", "help": "ablation: a fixed channel block instead "
+                                                                         "of a learned mask"}),
+        ("--mask-init", "mask_init", {"choices": list(MASK_INITS), "help": "W_M starts at 0 (as published; "
+                                      "default) or warm-started from each channel's activation energy on the "
+                                      "calibration windows (--calib, or the first training examples)"}),
+        ("--mask-init-scale", "mask_init_scale", {"type": float, "help": "spread of the warm-started mask logits "
+                                                                         "(default 0.1)"}),
+        ("--rotate", "rotate", {"action": "store_true", "help": "rotate the residual stream to its principal "
+                                "directions (on the calibration windows) before training; same function"}),
+        ("--lora-r", "lora_r", {"type": int, "help": "LoRA rank (default 8)"}),
+        ("--lora-alpha", "lora_alpha", {"type": float, "help": "LoRA alpha (default 16)"}),
+        ("--lora-dropout", "lora_dropout", {"type": float, "help": "LoRA dropout (default 0.05)"}),
+    )
 
-    def __init__(self, config: PATConfig | None = None, **kwargs):
-        if config is not None and kwargs:
-            raise TypeError("pass either a PATConfig or keyword arguments, not both")
-        self.config = config if config is not None else PATConfig(**kwargs)
-        #: channel importance (d,) for ``mask_init="activation"``; set by the caller before ``prepare``
+    def __init__(self, config: PATConfig | None = None, **options):
+        super().__init__(config, **options)
+        #: channel importance (d,) for ``mask_init="activation"``; set by ``setup`` (or the caller) before ``prepare``
         self.init_scores: torch.Tensor | None = None
+        #: the rotation applied by ``setup`` (float64 d × d), saved with the adapters
+        self.rotation: torch.Tensor | None = None
 
-    def fingerprint(self) -> dict:
-        return {"method": self.name, **asdict(self.config)}
+    def check(self, model):
+        check_model(model, self.config)
+        return []
+
+    def uses_calibration(self):
+        return bool(self.config.rotate or self.config.mask_init == "activation")
+
+    def setup(self, model, calibration):
+        """Rotate the residual stream (``rotate``) and score the channels for the warm start, on the same
+        calibration windows; returns what the report records."""
+        info = {}
+        if self.config.rotate:
+            from ....structured.rotation import energy_removed, rotate_model
+
+            r = rotate_model(model, calibration.windows())
+            self.rotation = r["Q"]
+            n_keep = check_model(model, self.config)[1]
+            info["rotation"] = {"basis": "principal directions of the RMSNorm inputs (rms-weighted)",
+                                "tokens": r["tokens"], "calibration": calibration.describe(),
+                                "energy_in_removed_directions": energy_removed(r["eigenvalues"], n_keep)}
+        if self.config.mask_init == "activation":
+            from ....structured.channels import channel_scores
+
+            self.init_scores = channel_scores(model, "activation", calibration.windows())
+            info["mask_init"] = {"importance": "activation energy at every RMSNorm output",
+                                 **calibration.describe()}
+        return info or None
+
+    def restore(self, model, directory):
+        if not self.config.rotate:
+            return
+        from safetensors.torch import load_file
+
+        from ....structured.rotation import fuse_norms, rotate
+
+        f = Path(directory) / ROTATION_FILE
+        if not f.is_file():
+            raise PrunetuneError(f"PAT adapters in {directory} were trained on a rotated model but {ROTATION_FILE} "
+                                 "is missing")
+        self.rotation = load_file(str(f))["Q"]
+        fuse_norms(model)
+        rotate(model, self.rotation)
 
     # --- setup ----------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -188,7 +223,7 @@ class PATMethod(TuningMethod):
             from peft import LoraConfig, inject_adapter_in_model
 
             lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              bias="none", target_modules=lora_paths(model))
+                              bias="none", target_modules=get_adapter(model).linear_paths())
             model = inject_adapter_in_model(lcfg, model)
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n)
@@ -253,6 +288,8 @@ class PATMethod(TuningMethod):
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self._adapter_state(model).items()}
         save_file(state, str(d / ADAPTER_FILE))
+        if self.rotation is not None:
+            save_file({"Q": self.rotation.contiguous()}, str(d / ROTATION_FILE))
         (d / CONFIG_FILE).write_text(json.dumps(self._meta(model), indent=1))
 
     def load_adapters(self, model: nn.Module, directory) -> None:
@@ -281,3 +318,19 @@ class PATMethod(TuningMethod):
         shrunk = shrink_model(model)
         save_shrunk(shrunk, tokenizer, out_dir)
         return shrunk
+
+    def result_warnings(self, report):
+        hist = report.get("history") or []
+        live = hist[-1].get("live") if hist else None
+        target = (report.get("pat") or {}).get("hidden_size")
+        if live is None or target is None or int(live) == int(target):
+            return []
+        return [f"the channel mask did not reach its target before the end: {int(live)} live channels for {target} "
+                f"kept (the export keeps exactly {target}; train longer or move --milestone earlier)"]
+
+    def export_info(self, merged):
+        info = dict(getattr(merged, "_prunetune_shrink_info", {}) or {})
+        return {"pat": {"hidden_size_before": info.get("hidden_size_before"), "hidden_size": info.get("hidden_size"),
+                        "ratio_removed": info.get("ratio"), "kept_channels": info.get("kept_channels"),
+                        "rotated": bool(self.config.rotate),
+                        "parameters": sum(p.numel() for p in merged.parameters())}}

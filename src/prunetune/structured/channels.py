@@ -16,32 +16,26 @@ highest scores are kept (ties to the lower index, as PAT's final top-k; the coun
 size the model family can load, as PAT's does).
 
 Removal: the model gets PAT's modules with identity ``D`` (no training) and a binary gate on the kept
-channels; :func:`~prunetune.tune.pat.shrink.shrink_model` then slices writers, readers and norms and
+channels; :func:`~prunetune.tuning.pat.shrink.shrink_model` then slices writers, readers and norms and
 rescales the norm gains and epsilon, so the smaller model computes exactly what the masked model computes.
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
-from ...errors import PrunetuneError
-from ...models import get_adapter
-from .mask import n_keep_for, topk_keep
+from ..errors import PrunetuneError
+from .slicing import check_ratio, check_sliceable, keep_count, slice_hidden, topk_keep
 
 IMPORTANCE = ("activation", "magnitude")
 
 
 @torch.no_grad()
 def channel_scores(model: nn.Module, importance: str = "activation", calib=None, batch_size: int = 4) -> torch.Tensor:
-    """Importance (d,) of each hidden channel; ``calib`` for ``activation``: token ids, (n, seqlen) or a list
-    of 1-D sequences of any length (run one at a time)."""
-    a = get_adapter(model)
-    if a.norm_kind != "rmsnorm":
-        raise PrunetuneError(f"channel pruning needs RMSNorm (model type '{model.config.model_type}' uses "
-                             f"{a.norm_kind})")
+    """Importance (d,) of each hidden channel; ``calib`` for ``activation``: token ids, (n, seqlen), a list of
+    1-D sequences of any length (run one at a time) or a list of (batch, seq) tensors."""
+    a = check_sliceable(model, "channel pruning")
     norm_paths = [f"{a.layers_path}.{i}.{n}" for i in range(a.num_layers) for n in a.layer_norms]
     norm_paths.append(a.final_norm_path)
     d = a.hidden_size
@@ -55,10 +49,7 @@ def channel_scores(model: nn.Module, importance: str = "activation", calib=None,
         return s
     if importance != "activation":
         raise PrunetuneError(f"unknown channel importance '{importance}' (use {', '.join(IMPORTANCE)})")
-    if isinstance(calib, torch.Tensor):
-        calib = [calib[b:b + batch_size] for b in range(0, calib.shape[0], batch_size)] if calib.numel() else []
-    else:
-        calib = [torch.as_tensor(c, dtype=torch.long).reshape(1, -1) for c in (calib or []) if len(c)]
+    calib = _batches(calib, batch_size)
     if not calib:
         raise PrunetuneError("activation-based channel importance needs calibration token ids")
     device = a.embedding.weight.device
@@ -86,42 +77,20 @@ def channel_scores(model: nn.Module, importance: str = "activation", calib=None,
 def keep_channels(scores: torch.Tensor, ratio: float, model_config=None) -> torch.Tensor:
     """The kept channels (ascending) by score, ties to the lower index: ``round((1 − ratio) · d)`` of them,
     or with ``model_config`` the count PAT keeps (moved to a hidden size the family can load)."""
-    if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
-        raise PrunetuneError(f"channel pruning ratio must be strictly between 0 and 1 (got {ratio})")
+    check_ratio(ratio, "channel pruning ratio")
     d = scores.numel()
-    if model_config is not None:
-        from .method import keep_count
-
-        k = keep_count(model_config, d, ratio, what="channel pruning ratio")
-    else:
-        k = n_keep_for(d, ratio)
+    k = keep_count(model_config, d, ratio, what="channel pruning ratio") if model_config is not None \
+        else int(round((1.0 - ratio) * d))
     if k >= d or k < 1:
         raise PrunetuneError(f"ratio {ratio} of hidden size {d} keeps {k} channels: nothing (or everything) removed")
     return topk_keep(scores, k)
 
 
-@torch.no_grad()
 def remove_channels(model: nn.Module, keep: torch.Tensor) -> nn.Module:
     """A new plain model with hidden size ``len(keep)`` equal to ``model`` with the other channels zeroed
-    at every writer of the residual stream (exact: PAT's shrink with identity HSMs)."""
-    from .method import PATConfig, PATMethod
-    from .shrink import find_pat, shrink_model
-
-    d = get_adapter(model).hidden_size
-    keep = torch.as_tensor(keep, dtype=torch.long).flatten().cpu()
-    if keep.numel() == 0 or keep.unique().numel() != keep.numel() or int(keep.min()) < 0 or int(keep.max()) >= d:
-        raise PrunetuneError(f"kept channels must be distinct indices in [0, {d})")
-    ratio = 1 - keep.numel() / d
-    work = copy.deepcopy(model)
-    work = PATMethod(PATConfig(ratio=ratio, lora_r=0)).prepare(work)
-    pat = find_pat(work)
-    if pat.mask.n_keep != keep.numel():
-        raise PrunetuneError(f"cannot keep {keep.numel()} of {d} channels exactly")
-    gate = torch.zeros(d, dtype=torch.float32, device=pat.mask.W_M.device)
-    gate[keep.to(gate.device)] = 1.0
-    pat.mask.final = gate
-    shrunk = shrink_model(work)
-    shrunk._prunetune_pat_info["method"] = "channel-prune"
+    at every writer of the residual stream (exact)."""
+    shrunk = slice_hidden(model, keep)
+    shrunk._prunetune_shrink_info["method"] = "channel-prune"
     return shrunk
 
 
@@ -140,7 +109,18 @@ def prune_channels(model: nn.Module, ratio: float, *, importance: str = "activat
     return shrunk, info
 
 
-def _tokens(calib) -> int:
+def _batches(calib, batch_size: int) -> list[torch.Tensor]:
+    """Token ids as a list of (batch, seq) tensors: from one (n, seq) tensor, or a list of 1-D sequences (one
+    batch each, any lengths) or of 2-D batches."""
     if isinstance(calib, torch.Tensor):
-        return int(calib.numel())
-    return sum(len(c) for c in calib or [])
+        return [calib[b:b + batch_size] for b in range(0, calib.shape[0], batch_size)] if calib.numel() else []
+    out = []
+    for c in calib or []:
+        t = torch.as_tensor(c, dtype=torch.long)
+        if t.numel():
+            out.append(t if t.dim() == 2 else t.reshape(1, -1))
+    return out
+
+
+def _tokens(calib) -> int:
+    return sum(int(b.numel()) for b in _batches(calib, 1))

@@ -274,7 +274,7 @@ def _run_memory_probe(cfg: dict, timeout: float = 1800) -> dict:
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        proc = subprocess.run([sys.executable, "-m", "prunetune.evaluate.speed", "--memory-probe", json.dumps(cfg)],
+        proc = subprocess.run([sys.executable, "-m", "prunetune.evaluation.speed", "--memory-probe", json.dumps(cfg)],
                               capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"memory probe timed out after {timeout:.0f}s"}

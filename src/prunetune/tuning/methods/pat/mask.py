@@ -41,13 +41,10 @@ import math
 import torch
 from torch import nn
 
+from ....structured.slicing import n_keep_for, topk_keep  # noqa: F401  (n_keep_for re-exported)
+
 #: value logged for τ once the gate is a hard step (τ = ∞); keeps training logs valid JSON
 TAU_HARD = 1e6
-
-
-def n_keep_for(d: int, ratio: float) -> int:
-    """Channels kept when a fraction ``ratio`` of ``d`` hidden channels is pruned: ``round((1 − ratio) · d)``."""
-    return int(round((1.0 - ratio) * d))
 
 
 def milestone(total_steps: int, frac: float) -> int:
@@ -73,12 +70,6 @@ def _ste_sigmoid(w: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
     """Forward ``hard``; backward the gradient of ``sigmoid(w)``."""
     soft = torch.sigmoid(w)
     return hard + (soft - soft.detach())
-
-
-def topk_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (ascending) of the ``k`` largest scores; ties go to the lower index."""
-    order = torch.sort(scores.detach().float().cpu(), descending=True, stable=True).indices
-    return torch.sort(order[:k]).values
 
 
 class UnifiedMask(nn.Module):

@@ -1,4 +1,4 @@
-"""SPP: sparsity-preserving parameter-efficient fine-tuning (DESIGN.md §4).
+"""SPP's maths: one frozen sparse linear with trainable factors that only ever scale its weights (DESIGN.md §4).
 
 Each frozen sparse linear ``W`` (out × in) gets two trainable tensors: ``w_alpha`` (g × in, Kaiming-uniform)
 and ``w_beta`` (out × 1, zeros). The output rows are split into ``g`` contiguous blocks and every row of a
@@ -29,66 +29,19 @@ Two forwards give the same result (to float rounding):
   briefly an g × N × in one; materialise keeps two out × in tensors), else materialise. In training with
   thousands of tokens per micro-batch this is materialise for small and mid-size models; grouped wins for
   very wide layers and short inputs.
-
-Dense input models: SPP on a dense model is well defined (a multiplicative, rank-structured update) but has
-nothing to preserve. ``weight_sparsity(model)`` measures the share of zeros in the targeted linears and
-``SPPMethod`` warns (it does not refuse) when it is below ``DENSE_SPARSITY`` by default; pass
-``on_dense="error"`` to refuse or ``"ignore"`` to stay silent. Warning rather than refusing because a dense
-SPP run is a legitimate baseline and refusing would only force users to fake a pruning step.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import warnings
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import PrunetuneError
-from ..models import get_adapter
+from ....errors import PrunetuneError
 
-log = logging.getLogger("prunetune")
-
-#: below this share of zero weights in the targeted linears a model counts as dense
-DENSE_SPARSITY = 0.01
 FORWARD_MODES = ("auto", "materialise", "grouped")
-ADAPTER_FILE = "spp_adapters.safetensors"
-ADAPTER_CONFIG = "spp_config.json"
-
-
-@dataclass
-class SPPConfig:
-    """SPP hyper-parameters. ``scaling = alpha / r``; ``r`` only enters through that ratio."""
-
-    r: int = 16
-    alpha: float = 32.0
-    groups: int = 16
-    dropout: float = 0.05
-    #: linear names relative to a decoder layer ("self_attn.q_proj", ...); None = every linear of the adapter
-    targets: list[str] | None = None
-    forward: str = "auto"
-
-    def __post_init__(self):
-        if self.r <= 0:
-            raise PrunetuneError(f"SPP r must be positive (got {self.r})")
-        if self.groups <= 0:
-            raise PrunetuneError(f"SPP groups must be positive (got {self.groups})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise PrunetuneError(f"SPP dropout must be in [0, 1) (got {self.dropout})")
-        if self.forward not in FORWARD_MODES:
-            raise PrunetuneError(f"unknown SPP forward '{self.forward}' (use {', '.join(FORWARD_MODES)})")
-        if self.targets is not None:
-            self.targets = list(self.targets)
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r
 
 
 def block_sizes(out_features: int, groups: int) -> list[int]:
@@ -156,11 +109,14 @@ class _GroupedDelta(torch.autograd.Function):
 class SPPLinear(nn.Module):
     """A frozen (sparse) ``nn.Linear`` plus SPP's trainable ``w_alpha`` / ``w_beta``."""
 
-    def __init__(self, base: nn.Linear, config: SPPConfig | None = None):
+    def __init__(self, base: nn.Linear, config=None):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"SPPLinear wraps nn.Linear, got {type(base).__name__}")
-        config = config or SPPConfig()
+        if config is None:
+            from .method import SPPConfig
+
+            config = SPPConfig()
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -238,152 +194,3 @@ class SPPLinear(nn.Module):
         return self.base
 
 
-# --- model-level helpers -------------------------------------------------------------------------
-
-def _targets(adapter, targets) -> list[str]:
-    names = adapter.linear_names()
-    if targets is None:
-        return names
-    unknown = [t for t in targets if t not in names]
-    if unknown:
-        raise PrunetuneError(f"unknown SPP target(s) {', '.join(unknown)} (this model has: {', '.join(names)})")
-    return list(targets)
-
-
-def _set_child(root: nn.Module, dotted: str, module: nn.Module) -> None:
-    parent_name, _, child = dotted.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
-def spp_modules(model: nn.Module) -> dict[str, SPPLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, SPPLinear)}
-
-
-def weight_sparsity(model: nn.Module, targets: list[str] | None = None) -> float:
-    """Share of exact zeros over the targeted decoder-layer linears (SPP-wrapped ones included)."""
-    adapter = get_adapter(model)
-    zeros = total = 0
-    for layer in adapter.layers:
-        for name in _targets(adapter, targets):
-            w = layer.get_submodule(name).weight
-            zeros += int((w == 0).sum())
-            total += w.numel()
-    return zeros / total if total else 0.0
-
-
-def apply_spp(model: nn.Module, config: SPPConfig | None = None, targets: list[str] | None = None) -> nn.Module:
-    """Wrap the targeted linears of every decoder layer in ``SPPLinear``; freeze everything else. In place."""
-    config = config or SPPConfig()
-    if spp_modules(model):
-        raise PrunetuneError("model already has SPP adapters")
-    adapter = get_adapter(model)
-    names = _targets(adapter, targets if targets is not None else config.targets)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in adapter.layers:
-        for name in names:
-            wrapper = SPPLinear(layer.get_submodule(name), config)
-            wrapper.train(layer.training)  # follow the model's train/eval mode
-            _set_child(layer, name, wrapper)
-    model.spp_config = config
-    return model
-
-
-def merge_spp(model: nn.Module) -> nn.Module:
-    """Replace every ``SPPLinear`` by a plain ``nn.Linear`` with the merged weight. In place."""
-    for name, mod in list(spp_modules(model).items()):
-        _set_child(model, name, mod.merge())
-    if hasattr(model, "spp_config"):
-        del model.spp_config
-    return model
-
-
-def spp_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapters: ``{<module path>.w_alpha, <module path>.w_beta}``, detached, on CPU."""
-    sd = {}
-    for name, mod in spp_modules(model).items():
-        sd[f"{name}.w_alpha"] = mod.w_alpha.detach().cpu().contiguous()
-        sd[f"{name}.w_beta"] = mod.w_beta.detach().cpu().contiguous()
-    return sd
-
-
-def load_spp_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    mods = spp_modules(model)
-    expected = {f"{n}.{p}" for n in mods for p in ("w_alpha", "w_beta")}
-    missing, unexpected = expected - set(sd), set(sd) - expected
-    if missing or unexpected:
-        what = sorted(missing)[:1] or sorted(unexpected)[:1]
-        raise PrunetuneError(
-            f"SPP adapters do not match the model ({len(missing)} missing, {len(unexpected)} unexpected, e.g. {what[0]})"
-        )
-    with torch.no_grad():
-        for name, mod in mods.items():
-            for p in ("w_alpha", "w_beta"):
-                src = sd[f"{name}.{p}"]
-                dst = getattr(mod, p)
-                if src.shape != dst.shape:
-                    raise PrunetuneError(f"SPP adapter {name}.{p} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
-                dst.copy_(src)
-
-
-def count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-# --- the TuningMethod for the shared trainer -------------------------------------------------------
-
-from .trainer import TuningMethod  # noqa: E402  (trainer does not import this module)
-
-
-class SPPMethod(TuningMethod):
-    """SPP in the shared training loop. ``on_dense``: "warn" (default), "error" or "ignore"."""
-
-    name = "spp"
-
-    def __init__(self, config: SPPConfig | None = None, on_dense: str = "warn"):
-        if on_dense not in ("warn", "error", "ignore"):
-            raise PrunetuneError(f"on_dense must be warn, error or ignore (got {on_dense})")
-        self.config = config or SPPConfig()
-        self.on_dense = on_dense
-
-    def fingerprint(self) -> dict:
-        return {"method": self.name, **asdict(self.config)}
-
-    def prepare(self, model):
-        if self.on_dense != "ignore":
-            sp = weight_sparsity(model, self.config.targets)
-            if sp < DENSE_SPARSITY:
-                msg = (f"SPP on a dense model (only {sp:.2%} of the targeted weights are zero): "
-                       "there is no sparsity pattern to preserve")
-                if self.on_dense == "error":
-                    raise PrunetuneError(msg)
-                warnings.warn(msg, stacklevel=2)
-                log.warning(msg)
-        return apply_spp(model, self.config)
-
-    def save_adapters(self, model, directory):
-        from safetensors.torch import save_file
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        save_file(spp_state_dict(model), str(d / ADAPTER_FILE))
-        (d / ADAPTER_CONFIG).write_text(json.dumps(asdict(self.config), indent=1))
-
-    def load_adapters(self, model, directory):
-        from safetensors.torch import load_file
-
-        f = Path(directory) / ADAPTER_FILE
-        if not f.is_file():
-            raise PrunetuneError(f"no SPP adapters in {directory} (missing {ADAPTER_FILE})")
-        load_spp_state_dict(model, load_file(str(f)))
-
-    def export(self, model, out_dir, tokenizer=None):
-        merge_spp(model)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(out_dir))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(out_dir))
-        return model

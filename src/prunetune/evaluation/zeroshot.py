@@ -1,7 +1,7 @@
 """Zero-shot multiple-choice accuracy through lm-evaluation-harness, offline.
 
 ``evaluate_zeroshot`` wraps an already-loaded model and tokenizer in lm-eval's ``HFLM`` and runs
-lm-eval's own evaluator on task definitions kept in ``evaluate/tasks/*.yaml``. Each definition is an
+lm-eval's own evaluator on task definitions kept in ``evaluation/tasks/*.yaml``. Each definition is an
 ordinary lm-eval task config (``output_type: multiple_choice``, Jinja templates, no Python hooks) plus a
 ``prunetune`` block naming its local JSONL file and the fields every line must have; at run time the
 config gets ``dataset_path: json`` and ``dataset_kwargs: {data_files: <file>}`` so nothing is fetched
@@ -75,7 +75,7 @@ _HFLM_INSTANCE_WARNINGS = ("`pretrained` model kwarg is not of type `str`",
 
 
 def local_tasks() -> list[str]:
-    """Names of the tasks defined in ``evaluate/tasks`` (runnable offline)."""
+    """Names of the tasks defined in ``evaluation/tasks`` (runnable offline)."""
     return sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
 
 

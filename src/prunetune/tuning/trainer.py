@@ -1,6 +1,6 @@
 """The one training loop shared by every tuning method (SPP, LoRA baselines, PAT).
 
-A method plugs in by subclassing ``TuningMethod`` and filling in its hooks; ``train()`` owns everything
+A method plugs in by subclassing ``TuningMethod`` (``base.py``) and filling in its hooks; ``train()`` owns everything
 else (data order, loss, optimiser, schedule, gradient accumulation, distributed data parallel through
 ``accelerate``, evaluation, checkpoints, resume, progress bar).
 
@@ -8,11 +8,17 @@ Per optimiser step (``step`` = 0, 1, ..., total_steps - 1)::
 
     method.on_step_begin(model, step, total_steps)           # e.g. PAT sets its mask temperature
     for each micro-batch of this process:                     # grad accumulation, DDP sync on the last
-        loss = Σ NLL(response tokens) / (tokens in the whole global batch) · world_size
+        loss = Σ [α·KD + (1 − α)·NLL](response tokens) / (tokens in the whole global batch) · world_size
         on the last micro-batch: loss += method.extra_loss(model, step, total_steps)[0]
         backward
     clip grads to max_grad_norm, AdamW step, scheduler step, zero grads
     method.on_step_end(model, step + 1, total_steps)          # number of steps done
+
+The loss is computed from the final hidden states in chunks of positions (``losses.lm_loss``): the batch's
+logits are never held at once. With a teacher (:class:`Distillation`: a frozen model in eval mode, same
+tokenizer) ``KD = T² · KL(softmax(z_t/T) ‖ softmax(z_s/T))`` over the same positions as the task loss, mixed
+with weight ``α``; without one ``α = 0``. The history's ``loss`` is always the task NLL per label token (so runs
+with and without distillation compare), ``kd`` the distillation term per label token.
 
 The task loss is normalised by the label-token count of the *global* batch (all micro-batches of all
 processes), so one process with batch B and N processes with batch B / N follow the same loss curve and
@@ -49,10 +55,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PrunetuneError
+from .base import TuningMethod  # noqa: F401  (the hooks train() calls)
 
 log = logging.getLogger("prunetune")
 
@@ -60,48 +66,6 @@ SCHEDULES = ("cosine", "linear", "constant")
 #: TrainConfig fields that do not change the trained weights (left out of the run fingerprint)
 _NON_SEMANTIC = {"eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints", "stop_at_step",
                  "progress", "log_every"}
-
-
-class TuningMethod:
-    """Base class of a tuning method; override the hooks you need.
-
-    ``prepare`` injects modules and freezes what must stay frozen; everything else has a sensible default.
-    Hooks receive the *unwrapped* model (never the DDP wrapper).
-    """
-
-    name = "method"
-    #: set True when some trainable parameters may get no gradient in a step (DDP needs to know)
-    find_unused_parameters = False
-
-    def fingerprint(self) -> dict:
-        """What identifies this method's configuration (part of the run fingerprint)."""
-        return {"method": self.name}
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        return [p for p in model.parameters() if p.requires_grad]
-
-    def on_step_begin(self, model: nn.Module, step: int, total_steps: int) -> None:
-        pass
-
-    def extra_loss(self, model: nn.Module, step: int, total_steps: int):
-        """Return ``(loss tensor or None, {name: float})``; the dict is logged and shown on the progress bar."""
-        return None, {}
-
-    def on_step_end(self, model: nn.Module, step: int, total_steps: int) -> None:
-        pass
-
-    def save_adapters(self, model: nn.Module, directory) -> None:
-        raise NotImplementedError
-
-    def load_adapters(self, model: nn.Module, directory) -> None:
-        raise NotImplementedError
-
-    def export(self, model: nn.Module, out_dir, tokenizer=None) -> nn.Module:
-        """Merge and save a plain Hugging Face checkpoint; return the merged model."""
-        raise NotImplementedError
 
 
 @dataclass
@@ -113,7 +77,7 @@ class TrainConfig:
     #: micro-batch size per process; global batch = batch_size · grad_accum · number of processes
     batch_size: int = 4
     grad_accum: int = 1
-    warmup_steps: int = 0
+    warmup: int = 0
     schedule: str = "cosine"
     weight_decay: float = 0.0
     seed: int = 0
@@ -145,8 +109,8 @@ class TrainConfig:
             raise PrunetuneError(f"epochs must be positive (got {self.epochs})")
         if self.lr <= 0:
             raise PrunetuneError(f"learning rate must be positive (got {self.lr})")
-        if self.warmup_steps < 0:
-            raise PrunetuneError(f"warmup_steps must not be negative (got {self.warmup_steps})")
+        if self.warmup < 0:
+            raise PrunetuneError(f"warmup must not be negative (got {self.warmup})")
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -184,11 +148,42 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
-def _nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = logits[:, :-1].float()
-    labels = labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                           reduction="sum")
+@dataclass
+class Distillation:
+    """A teacher for the loss: ``L = weight · KD + (1 − weight) · NLL`` at ``temperature``."""
+
+    teacher: nn.Module
+    temperature: float = 1.0
+    weight: float = 1.0
+    #: identifies the teacher in the run fingerprint (its model fingerprint)
+    fingerprint: str = ""
+
+    def __post_init__(self):
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise PrunetuneError(f"distillation temperature must be positive (got {self.temperature})")
+        if not (math.isfinite(self.weight) and 0 <= self.weight <= 1):
+            raise PrunetuneError(f"distillation weight must be in [0, 1] (got {self.weight})")
+        self.teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def describe(self) -> dict:
+        return {"temperature": self.temperature, "weight": self.weight, "teacher_fingerprint": self.fingerprint}
+
+
+def _forward_loss(model, unwrapped, batch: dict, distill: Distillation | None, autocast):
+    """``(L, NLL, KD)`` of one micro-batch (sums over its label tokens), without the batch's full logits."""
+    from .losses import hidden_states_out, lm_loss
+
+    t_hidden = t_head = None
+    if distill is not None:
+        with torch.no_grad(), autocast(), hidden_states_out(distill.teacher) as t_head:
+            t_hidden = distill.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with autocast(), hidden_states_out(unwrapped) as head:
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return lm_loss(hidden, batch["labels"], head, teacher_hidden=t_hidden, teacher_head=t_head,
+                   alpha=distill.weight if distill is not None else 0.0,
+                   temperature=distill.temperature if distill is not None else 1.0)
 
 
 def _label_tokens(examples: list[dict]) -> int:
@@ -261,9 +256,8 @@ class _Runner:
         for i in range(0, len(mine), bs):
             b = collate(mine[i:i + bs], self.pad_id)
             b = {k: v.to(self.acc.device) for k, v in b.items()}
-            with self.acc.autocast():
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            tot[0] += _nll_sum(logits, b["labels"]).double()
+            _, nll, _ = _forward_loss(model, model, b, None, self.acc.autocast)
+            tot[0] += nll
             tot[1] += int((b["labels"][:, 1:] != -100).sum())
         tot = self.acc.reduce(tot, "sum")
         model.train(was_training)
@@ -271,8 +265,9 @@ class _Runner:
 
 
 def train(model: nn.Module, tokenizer, method: TuningMethod, data, config: TrainConfig | None = None,
-          out_dir=None, resume: bool = False) -> dict:
-    """Fine-tune ``model`` with ``method`` on ``data`` (a ``TuneData``). See the module docstring.
+          out_dir=None, resume: bool = False, distill: Distillation | None = None) -> dict:
+    """Fine-tune ``model`` with ``method`` on ``data`` (a ``TuneData``), distilling from ``distill.teacher``
+    when given. See the module docstring.
 
     Returns ``{"history": [{"step", "loss", "lr", "tokens_per_s", ["eval_loss"], <method scalars>}...],
     "steps", "total_steps", "eval_loss", "fingerprint", "stopped", "wall_s", "model"}`` where ``model`` is
@@ -316,6 +311,8 @@ def train(model: nn.Module, tokenizer, method: TuningMethod, data, config: Train
         "model": model_fingerprint(model),
         "data": data.fingerprint() if hasattr(data, "fingerprint") else _hash([data.train, data.eval]),
     }
+    if distill is not None:
+        parts["distill"] = _hash(distill.describe())
     fingerprint = _hash(parts)
 
     ckpts = _checkpoints(out_dir)
@@ -341,12 +338,14 @@ def train(model: nn.Module, tokenizer, method: TuningMethod, data, config: Train
     if not params:
         raise PrunetuneError(f"method '{method.name}' left no trainable parameter")
     model = acc.prepare(model)
+    if distill is not None:
+        distill.teacher.to(acc.device)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     runner = _Runner(acc, model, method, data, cfg, out_dir, tokenizer.pad_token_id
                      if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * runner.steps_per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.schedule, cfg.warmup_steps, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.schedule, cfg.warmup, total))
 
     torch.manual_seed(cfg.seed + acc.process_index)
     random.seed(cfg.seed + acc.process_index)
@@ -403,21 +402,22 @@ def train(model: nn.Module, tokenizer, method: TuningMethod, data, config: Train
         n_tokens = sum(len(e["input_ids"]) for e in batch)
         micro = runner.my_micro_batches(batch)
         nll_local = torch.zeros((), dtype=torch.float64, device=acc.device)
+        kd_local = torch.zeros((), dtype=torch.float64, device=acc.device)
         extra_logs: dict = {}
         for a, mb in enumerate(micro):
             b = {k: v.to(acc.device) for k, v in collate(mb, runner.pad_id).items()}
             last = a == len(micro) - 1
             ctx = acc.no_sync(model) if not last else _nullcontext()
             with ctx:
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                nll = _nll_sum(logits, b["labels"])
-                loss = nll * (world / max(1, n_label))
+                lsum, nll, kd = _forward_loss(model, unwrapped, b, distill, acc.autocast)
+                loss = lsum * (world / max(1, n_label))
                 if last:
                     extra, extra_logs = method.extra_loss(unwrapped, step, total)
                     if extra is not None:
                         loss = loss + extra
                 acc.backward(loss)
-            nll_local += nll.detach().double()
+            nll_local += nll
+            kd_local += kd
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         lr = sched.get_last_lr()[0]
@@ -429,6 +429,8 @@ def train(model: nn.Module, tokenizer, method: TuningMethod, data, config: Train
         dt = time.perf_counter() - t0
         rec = {"step": step + 1, "loss": float(nll_all) / max(1, n_label), "lr": lr, "tokens_per_s": n_tokens / dt,
                "step_s": dt}
+        if distill is not None:
+            rec["kd"] = float(acc.reduce(kd_local, "sum")) / max(1, n_label)
         rec.update({k: float(v) for k, v in (extra_logs or {}).items()})
         done = step + 1
         if cfg.eval_every is not None and data.eval and (

@@ -1,7 +1,9 @@
 """Perplexity with a stated protocol (DESIGN.md §6).
 
 The corpus is tokenised once, cut into non-overlapping windows of ``seqlen`` tokens (the remainder is
-dropped), and the mean NLL over all predicted tokens (seqlen - 1 per window) is exponentiated.
+dropped), and the mean NLL over all predicted tokens (seqlen - 1 per window) is exponentiated. The NLL is
+computed from the final hidden states a chunk of positions at a time (``tuning.losses``), so a batch's full
+float32 logits never exist at once: memory does not grow with the vocabulary.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.sources import load_text, token_stream
 from ..errors import PrunetuneError
+from ..tuning.losses import hidden_states_out, lm_loss
 
 
 def max_positions(config) -> int | None:
@@ -47,8 +49,9 @@ def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, *, batch_size: int 
     bar = tqdm(range(0, nwin, batch_size), desc=desc, unit="batch", disable=not progress, leave=False)
     for start in bar:
         batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum")
+        with hidden_states_out(model) as head:
+            hidden = model(input_ids=batch, use_cache=False).logits
+        _, nll, _ = lm_loss(hidden, batch, head)
         if not torch.isfinite(nll):
             raise PrunetuneError("the model produced NaN/Inf logits (damaged weights?)")
         total_nll += nll.item()

@@ -2,7 +2,7 @@
 
 ``D = I + L1 · diag(v) · L0`` is the Hybrid-Identity-Operator: ``L0`` (r × d, Kaiming-uniform like
 ``nn.Linear``), ``L1`` (d × r, zeros) and ``v`` (r, ones), so ``D = I`` at init. ``m`` is the shared gate of
-:class:`~prunetune.tune.pat.mask.UnifiedMask`. The product is applied to the last dimension of ``y`` without
+:class:`~prunetune.tuning.pat.mask.UnifiedMask`. The product is applied to the last dimension of ``y`` without
 ever forming ``D``: ``D·y = y + ((y L0ᵀ) ⊙ v) L1ᵀ``, ``2·d·r`` multiply-adds per token.
 
 Placement (DESIGN.md §5): the output of the token embedding and of every residual writer of every layer
@@ -67,6 +67,14 @@ class HSM(nn.Module):
         L0, L1, v = self.L0.to(dtype), self.L1.to(dtype), self.v.to(dtype)
         return torch.eye(self.d, device=L0.device, dtype=dtype) + (L1 * v) @ L0
 
+    @torch.no_grad()
+    def rows(self, keep: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``D[keep, :]`` (k × d) without forming ``D``."""
+        keep = keep.to(self.L0.device)
+        out = (self.L1.to(dtype)[keep] * self.v.to(dtype)) @ self.L0.to(dtype)
+        out[torch.arange(keep.numel(), device=out.device), keep] += 1
+        return out
+
     def identity_loss(self) -> torch.Tensor:
         """``||L0 L0ᵀ − I||_F + ||L1ᵀ L1 − I||_F`` (finite, with a finite gradient, everywhere)."""
         eye = torch.eye(self.r, device=self.L0.device)
@@ -106,6 +114,14 @@ class PATModules(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    @torch.no_grad()
+    def rows(self, keep: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``D[keep, :]`` (k × d) without forming ``D``."""
+        keep = keep.to(self.L0.device)
+        out = (self.L1.to(dtype)[keep] * self.v.to(dtype)) @ self.L0.to(dtype)
+        out[torch.arange(keep.numel(), device=out.device), keep] += 1
+        return out
 
     def identity_loss(self) -> torch.Tensor:
         """Sum of every HSM's identity loss (0 when there are none)."""

@@ -1,0 +1,115 @@
+"""SPP as a registered tuning method: its options, the dense-input check, adapters and the merge.
+
+Dense input models: SPP on a dense model is well defined (a multiplicative, rank-structured update) but has
+nothing to preserve. ``weight_sparsity(model)`` measures the share of zeros in the targeted linears; below
+``DENSE_SPARSITY`` the method warns (``on_dense="warn"``, default), refuses (``"error"``) or stays silent
+(``"ignore"``). Warning rather than refusing because a dense SPP run is a legitimate baseline and refusing
+would only force users to fake a pruning step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ....errors import PrunetuneError
+from ...base import TuningMethod, register, write_plain
+from .layer import FORWARD_MODES
+from .model import apply_spp, load_spp_state_dict, merge_spp, spp_state_dict, weight_sparsity
+
+log = logging.getLogger("prunetune")
+
+#: below this share of zero weights in the targeted linears a model counts as dense
+DENSE_SPARSITY = 0.01
+ADAPTER_FILE = "spp_adapters.safetensors"
+ADAPTER_CONFIG = "spp_config.json"
+ON_DENSE = ("warn", "error", "ignore")
+
+
+@dataclass
+class SPPConfig:
+    """SPP hyper-parameters. ``scaling = alpha / r``; ``r`` only enters through that ratio."""
+
+    r: int = 16
+    alpha: float = 32.0
+    groups: int = 16
+    dropout: float = 0.05
+    #: linear names relative to a decoder layer ("self_attn.q_proj", ...); None = every linear of the adapter
+    targets: list[str] | None = None
+    forward: str = "auto"
+    #: what a dense input gets: "warn", "error" or "ignore" (no effect on the weights)
+    on_dense: str = "warn"
+
+    def __post_init__(self):
+        if int(self.r) <= 0:
+            raise PrunetuneError(f"SPP r must be positive (got {self.r})")
+        if int(self.groups) <= 0:
+            raise PrunetuneError(f"SPP groups must be positive (got {self.groups})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise PrunetuneError(f"SPP dropout must be in [0, 1) (got {self.dropout})")
+        if self.forward not in FORWARD_MODES:
+            raise PrunetuneError(f"unknown SPP forward '{self.forward}' (use {', '.join(FORWARD_MODES)})")
+        if self.on_dense not in ON_DENSE:
+            raise PrunetuneError(f"on_dense must be {', '.join(ON_DENSE)} (got {self.on_dense})")
+        if self.targets is not None:
+            self.targets = list(self.targets)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+@register
+class SPPMethod(TuningMethod):
+    """SPP: trainable row/column factors multiply the frozen sparse weights; the merge keeps every zero."""
+
+    name = "spp"
+    Config = SPPConfig
+    default_lr = 4e-3
+    zero_pattern = "identical"
+    cli_options = (
+        ("--spp-groups", "groups", {"type": int, "help": "row blocks sharing one factor row (default 16)"}),
+        ("--spp-r", "r", {"type": int, "help": "r; scaling = alpha / r (default 16)"}),
+        ("--spp-alpha", "alpha", {"type": float, "help": "alpha (default 32)"}),
+        ("--spp-dropout", "dropout", {"type": float, "help": "dropout on the adapter input (default 0.05); 0 fuses "
+                                                          "adapter and weight into one matmul (faster steps)"}),
+        ("--on-dense", "on_dense", {"help": "a dense input model: warn (default) | error | ignore"}),
+    )
+
+    def fingerprint(self) -> dict:
+        return {"method": self.name, **{k: v for k, v in self.options().items() if k != "on_dense"}}
+
+    def check(self, model):
+        sp = weight_sparsity(model, self.config.targets)
+        if self.config.on_dense == "ignore" or sp >= DENSE_SPARSITY:
+            return []
+        msg = (f"SPP on a dense model (only {sp:.2%} of the targeted weights are zero): there is no sparsity "
+               "pattern to preserve; prune it first for a sparse result")
+        if self.config.on_dense == "error":
+            raise PrunetuneError(msg)
+        log.warning(msg)
+        return [msg]
+
+    def prepare(self, model):
+        return apply_spp(model, self.config)
+
+    def save_adapters(self, model, directory):
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_file(spp_state_dict(model), str(d / ADAPTER_FILE))
+        (d / ADAPTER_CONFIG).write_text(json.dumps(asdict(self.config), indent=1))
+
+    def load_adapters(self, model, directory):
+        from safetensors.torch import load_file
+
+        f = Path(directory) / ADAPTER_FILE
+        if not f.is_file():
+            raise PrunetuneError(f"no SPP adapters in {directory} (missing {ADAPTER_FILE})")
+        load_spp_state_dict(model, load_file(str(f)))
+
+    def export(self, model, out_dir, tokenizer=None):
+        return write_plain(merge_spp(model), out_dir, tokenizer)
