@@ -16,6 +16,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def float_tol(ref: torch.Tensor, ulps: int = 64) -> float:
+    """Absolute tolerance for two computations of ``ref`` that may differ only by rounding (summation order,
+    fused kernels): ``ulps`` units of round-off of its dtype at its largest magnitude (at least 1)."""
+    return ulps * torch.finfo(ref.dtype).eps * max(1.0, float(ref.abs().max()))
+
+
 def tiny_config(family: str):
     import transformers as T
 
@@ -33,10 +39,29 @@ def tiny_config(family: str):
         return T.GPTNeoXConfig(intermediate_size=64, max_position_embeddings=256, **common)
     if family == "mamba":
         return T.MambaConfig(vocab_size=128, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2)
+    # families without an adapter class of their own: found from the module tree
+    gqa = dict(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256, **common)
+    if family == "gemma2":  # alternating sliding-window / global attention, sandwich norms, soft-capping
+        return T.Gemma2Config(head_dim=8, sliding_window=16, **gqa)
+    if family == "gemma3_text":  # per-layer-type rotary tables and masks, QK-norm
+        return T.Gemma3TextConfig(head_dim=8, sliding_window=16, layer_types=["sliding_attention",
+                                                                            "full_attention"], **gqa)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        return T.Phi3Config(pad_token_id=0, **gqa)
+    if family == "olmo2":  # norms after attention and MLP
+        return T.Olmo2Config(pad_token_id=0, **gqa)
+    if family == "granite":
+        return T.GraniteConfig(**gqa)
+    if family == "mixtral":  # experts stored as 3-D tensors, a router
+        return T.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **gqa)
+    if family == "qwen3_moe":
+        return T.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=8,
+                                decoder_sparse_step=1, mlp_only_layers=[], **gqa)
     raise KeyError(family)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "opt", "gpt_neox", "mamba"]
+FAMILIES = ["llama", "mistral", "qwen2", "opt", "gpt_neox", "mamba", "gemma2", "gemma3_text", "phi3", "olmo2",
+            "granite", "mixtral", "qwen3_moe"]
 
 
 def tiny_model(family: str, seed: int = 0):

@@ -94,7 +94,33 @@ def test_calibration_reproducible(stories):
 
 def test_named_corpora_local(shared_data, stories):
     _, tok = stories
+    from prunetune.data.sources import WIKITEXT_JOINING, wikitext_from_lines
+
     w = load_text("wikitext2")
-    assert w.origin.endswith("wiki.test.raw") and w.joining == "file as is"
+    assert w.origin.endswith("wiki.test.raw") and w.joining == WIKITEXT_JOINING
+    # the Hub's split (lines with blank separators) gives the same text as the local file: one name, one text
+    lines = w.text.splitlines(keepends=True)
+    hub_like = [x for line in lines for x in ("", line)] + [""]
+    assert wikitext_from_lines(hub_like) == w.text
     c = load_text("c4")
     assert c.text.count("\n\n") >= 1999
+
+
+def test_bos_modes_build_the_windows_they_say(stories_dir):
+    from prunetune.evaluation.perplexity import default_bos, windows_of
+
+    ids = torch.arange(1, 23)  # a stream that starts with BOS (id 1) and 21 text tokens
+    w = windows_of(ids, 8, "stream", 1)
+    assert w.shape == (2, 8) and w[0, 0] == 1 and torch.equal(w.flatten(), ids[:16])
+    w = windows_of(ids, 8, "window", 1)
+    assert w.shape == (3, 8) and bool((w[:, 0] == 1).all()) and torch.equal(w[:, 1:].flatten(), ids[1:22])
+    w = windows_of(ids, 8, "none", 1)
+    assert w.shape == (2, 8) and not bool((w == 1).any())
+    with pytest.raises(PrunetuneError, match="no BOS token"):
+        windows_of(ids, 8, "window", None)
+    model, tok, _ = load_model(stories_dir)
+    assert default_bos(model) == "stream"
+    res = {b: perplexity(model, tok, "tinystories", seqlen=128, max_windows=4, progress=False, bos=b)
+           for b in ("stream", "window")}
+    assert res["window"]["protocol"]["bos_mode"] == "window" and res["window"]["tokens_scored"] == 4 * 127
+    assert res["stream"]["ppl"] != res["window"]["ppl"]

@@ -39,8 +39,8 @@ def fn(name):
 
 def test_registry():
     assert available() == ["apt", "magnitude", "sparsegpt", "wanda"]
-    assert get_method("magnitude").needs_hessian is False
-    assert all(get_method(n).needs_hessian for n in ("wanda", "sparsegpt", "apt"))
+    assert [get_method(n).needs for n in ("magnitude", "wanda", "sparsegpt", "apt")] == ["none", "norms", "hessian",
+                                                                                       "hessian"]
     assert all(get_method(n).doc for n in available())
     assert get_method("APT").name == "apt"
     with pytest.raises(PrunetuneError) as ei:
@@ -403,3 +403,32 @@ def test_layer_error_stats_matches_float64_in_chunks():
     assert err == pytest.approx(layer_error(W, W2, H), rel=1e-5)
     assert rel == pytest.approx(relative_layer_error(W, W2, H), rel=1e-5)
     assert layer_error_stats(W, W, H) == (0.0, 0.0)
+
+
+def test_driver_collects_only_what_the_method_needs_and_the_cheapest_error_basis():
+    from prunetune.pruning.sequential import ERROR_SAMPLE, InputStats, activation_error_stats
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 48, generator=g)
+    W = torch.randn(20, 48, generator=g)
+    W2 = W * (torch.rand(20, 48, generator=g) > 0.5)
+    st = InputStats(48, "cpu", "norms", 300)
+    for chunk in X.split(70):
+        st.add(chunk)
+    assert st.H is None and st.basis == "activations"  # Wanda: column energies only, no in x in matrix
+    torch.testing.assert_close(st.for_method().double(), 2 * X.double().pow(2).sum(0) / 300, rtol=1e-6, atol=0)
+    H = 2 * X.double().t() @ X.double() / 300
+    err, rel = st.error(W, W2)
+    ref_err, ref_rel = layer_error_stats(W, W2, H)
+    assert err == pytest.approx(ref_err, rel=1e-5) and rel == pytest.approx(ref_rel, rel=1e-5)
+    assert activation_error_stats(W, W2, X) == pytest.approx(st.error(W, W2), rel=1e-6)
+    assert InputStats(48, "cpu", "none", 300).for_method() is None
+    # exact from H where that is cheapest, sampled (every k-th token, about ERROR_SAMPLE of them) on wide inputs
+    assert InputStats.error_basis(576, "hessian", 65536) == "hessian"
+    assert InputStats.error_basis(4096, "hessian", 65536) == "sampled"
+    assert InputStats.error_basis(4096, "hessian", 512) == "activations"
+    assert InputStats.error_basis(4096, "norms", 262144) == "sampled"
+    big = InputStats(8, "cpu", "norms", 10 * ERROR_SAMPLE)
+    for chunk in torch.randn(10 * ERROR_SAMPLE, 8, generator=g).split(1000):
+        big.add(chunk)
+    assert sum(r.shape[0] for r in big.rows) == ERROR_SAMPLE

@@ -21,10 +21,16 @@ CAL = dict(calib="tinystories", nsamples=8, seqlen=64, device="cpu", progress=Fa
 
 
 def _linears(model):
+    """Every pruned matrix as ``(state-dict name, 2-D weight)``: the linears, and each expert of an expert bank."""
     a = get_adapter(model)
     for i, layer in enumerate(a.layers):
         for name, lin in a.linears(layer).items():
-            yield f"{a.layer_prefix(i)}{name}", lin.weight.data
+            yield f"{a.layer_prefix(i)}{name}.weight", lin.weight.data
+        for bank in a.expert_bank_paths:
+            for pname in ("gate_up_proj", "down_proj"):
+                w = getattr(layer.get_submodule(bank), pname).data
+                for e in range(w.shape[0]):
+                    yield f"{a.layer_prefix(i)}{bank}.{pname}", w[e]
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "apt"])
@@ -78,8 +84,8 @@ def test_prune_every_family(tmp_path, family):
     model = AutoModelForCausalLM.from_pretrained(out)
     for name, W in _linears(model):
         assert ((W == 0).sum(1) == round(0.5 * W.shape[1])).all(), name
-    # everything that is not a pruned linear is unchanged (Mamba: conv and SSM parameters stay dense)
-    pruned = {n + ".weight" for n, _ in _linears(model)}
+    # everything that is not a pruned linear is unchanged (Mamba: conv and SSM parameters; MoE: the router)
+    pruned = {n for n, _ in _linears(model)}
     dsd = dense.state_dict()
     for k, v in model.state_dict().items():
         if k not in pruned:
@@ -152,3 +158,41 @@ def test_bad_inputs(tmp_path, stories_dir):
     assert_clean_error(_bad(tmp_path, *base, "--sparsity", "0.5", "--model", bad, "--out", out),
                        "model.layers.1.mlp.up_proj", "NaN")
     assert not out.exists() and not partial_dir_for(out).exists()
+
+
+def test_moe_experts_pruned_with_their_routed_tokens_and_reported(tmp_path):
+    """Every expert of every layer is pruned (its own Hessian), the router stays dense; the report says how many
+    calibration tokens reached each expert and how far its statistics were dampened towards the identity."""
+    src = save_tiny("mixtral", tmp_path / "src")
+    rep = prune(src, method="sparsegpt", sparsity="2:4", out=tmp_path / "out", **CAL)
+    experts = [r for r in rep["layers"] if "experts" in r["name"]]
+    assert len(experts) == 2 * 2 * 4  # 2 layers x (gate_up, down) x 4 experts
+    tokens = {r["name"].split("[")[-1] for r in experts}
+    assert tokens == {"0]", "1]", "2]", "3]"}
+    # top-2 of 4 experts: every token reaches two of them
+    for layer in (0, 1):
+        up = [r for r in experts if f"layers.{layer}." in r["name"] and "gate_up" in r["name"]]
+        assert sum(r["routed_tokens"] for r in up) == 2 * CAL["nsamples"] * CAL["seqlen"]
+        assert all(0 <= r["own_data_weight"] < 1 for r in up)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    dense = AutoModelForCausalLM.from_pretrained(src)
+    assert torch.equal(model.model.layers[0].mlp.gate.weight, dense.model.layers[0].mlp.gate.weight)
+    assert is_nm_valid(model.model.layers[1].mlp.experts.down_proj[3], 2, 4)
+
+
+def test_an_expert_without_tokens_is_pruned_as_by_magnitude():
+    from prunetune.pruning.experts import blend_toward_identity
+    from prunetune.pruning.methods import get_method
+    from prunetune.pruning.masks import parse_sparsity
+    from prunetune.pruning.sequential import InputStats
+
+    g = torch.Generator().manual_seed(0)
+    busy, idle = InputStats(16, "cpu", "hessian", 64), InputStats(16, "cpu", "hessian", 64)
+    busy.add(torch.randn(64, 16, generator=g))
+    w = blend_toward_identity([busy, idle])
+    assert w[1] == 0.0 and w[0] == pytest.approx(64 / 80)
+    assert torch.allclose(idle.H, idle.H[0, 0] * torch.eye(16, dtype=idle.H.dtype))
+    W = torch.randn(8, 16, generator=g)
+    spec = parse_sparsity("0.5")
+    pruned = get_method("sparsegpt").fn(W, idle.for_method(), spec)
+    assert torch.equal(pruned != 0, get_method("magnitude").fn(W, None, spec, scope="row") != 0)

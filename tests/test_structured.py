@@ -128,6 +128,9 @@ def test_shrink_cli_writes_a_smaller_plain_model_and_pca_beats_the_channel_basel
     rep = json.loads((tmp_path / "pca" / "shrink_report.json").read_text())
     assert rep["shrink"]["hidden_size"] == 48 and 0 < rep["shrink"]["energy_in_removed_directions"] < 0.25
     assert rep["calibration"]["nsamples"] == 8 and rep["manifest"]["peak_rss_mb"] > 0
+    from prunetune.io import usual_file_mode
+
+    assert (tmp_path / "pca" / "model.safetensors").stat().st_mode & 0o777 == usual_file_mode()
     man = json.loads((tmp_path / "pca" / "prunetune_manifest.json").read_text())
     assert man["source_model"] == str(DEFAULT_MODEL.resolve())
     ppl = {k: evaluate(str(tmp_path / k), ppl=["tinystories"], seqlen=256, progress=False)

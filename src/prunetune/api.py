@@ -16,20 +16,31 @@ __all__ = ["load_model", "perplexity", "evaluate", "prune", "shrink", "tune", "m
 
 
 def _device(device: str | None) -> str:
+    """The device a command runs on (``auto``: a CUDA GPU when there is one); one clear line for an unusable
+    one. ``cuda:N`` also becomes the current CUDA device, so libraries that use ``cuda`` land there too."""
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PrunetuneError(f"device '{device}' is not available on this machine (no CUDA GPU)")
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise PrunetuneError(f"unknown device '{device}' (use cpu, cuda or cuda:N)")
+    if device.startswith("cuda:"):
+        try:
+            index = int(device.split(":", 1)[1])
+        except ValueError:
+            raise PrunetuneError(f"unknown device '{device}' (use cpu, cuda or cuda:N)") from None
+        if not 0 <= index < torch.cuda.device_count():
+            raise PrunetuneError(f"device '{device}' does not exist ({torch.cuda.device_count()} CUDA GPU(s))")
+        torch.cuda.set_device(index)
     return device
 
 
 def evaluate(model=None, *, ppl: list[str] | tuple = ("wikitext2",), seqlen: int = 512, batch_size: int = 8,
              max_windows: int | None = None, tasks: list[str] | None = None, limit: int | None = None,
              tasks_dir: str | None = None, dtype: str = "float32", device: str | None = None,
-             out: str | Path | None = None, progress: bool = True) -> dict:
+             out: str | Path | None = None, progress: bool = True, bos: str | None = None) -> dict:
     """Perplexity on each corpus in ``ppl`` (and zero-shot ``tasks``) of a model given by path/id/GGUF.
+    ``bos``: ``stream`` | ``window`` | ``none`` (None: the family's default, see ``evaluation.perplexity``).
 
     Returns one result dict carrying its manifest; written atomically to ``out`` when given."""
     device = _device(device)
@@ -43,7 +54,7 @@ def evaluate(model=None, *, ppl: list[str] | tuple = ("wikitext2",), seqlen: int
         results = {"perplexity": {}}
         for corpus in ppl or ():
             results["perplexity"][corpus] = perplexity(model_obj, tok, corpus, seqlen=seqlen, batch_size=batch_size,
-                                                       max_windows=max_windows, progress=progress)
+                                                       max_windows=max_windows, progress=progress, bos=bos)
         if tasks:
             from .evaluation.zeroshot import evaluate_zeroshot
 

@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=512, help="window length in tokens")
     p.add_argument("--batch-size", type=int, default=8, help="windows (or task requests) per forward")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (default: all)")
+    p.add_argument("--bos", default=None, choices=["stream", "window", "none"],
+                   help="BOS handling: one at the start of the text (stream), one opening every window (window), "
+                        "none (default: window for families that need a BOS per sequence (Gemma), else stream)")
     p.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks, e.g. arc_easy,piqa,winogrande")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task (default: all)")
     p.add_argument("--tasks-dir", default=None, help="folder with the task .jsonl files (default: the data folder's tasks/)")
@@ -256,10 +259,11 @@ def _cmd_eval(a):
     if a.limit is not None and a.limit <= 0:
         raise PrunetuneError(f"--limit must be positive (got {a.limit})")
     res = evaluate(a.model, ppl=ppl, seqlen=a.seqlen, batch_size=a.batch_size, max_windows=a.max_windows, tasks=tasks,
-                   limit=a.limit, tasks_dir=a.tasks_dir, dtype=a.dtype, device=a.device, out=a.out)
+                   limit=a.limit, tasks_dir=a.tasks_dir, dtype=a.dtype, device=a.device, out=a.out, bos=a.bos)
     print(f"model: {res['manifest']['model']['spec']}")
     for corpus, r in res["perplexity"].items():
-        print(f"  ppl {corpus:<12} {r['ppl']:10.3f}   ({r['windows']} windows x {r['seqlen']} tokens)")
+        print(f"  ppl {corpus:<12} {r['ppl']:10.3f}   ({r['windows']} windows x {r['seqlen']} tokens, "
+              f"BOS: {r['protocol']['bos']})")
     if "zeroshot" in res:
         for task, r in res["zeroshot"]["tasks"].items():
             print(f"  {task:<14} acc {r['acc']:.4f}  acc_norm {r['acc_norm']:.4f}  (n={r['n']})")

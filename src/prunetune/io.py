@@ -293,10 +293,24 @@ def publish_dir(stage: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def usual_file_mode() -> int:
+    """The mode a new file gets from this process's umask (``0o644`` under the common ``022``)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_manifest(directory: str | Path, record: dict) -> dict:
-    """Write prunetune_manifest.json: what was done, with the sha256 of every file in the directory."""
+    """Write prunetune_manifest.json: what was done, with the sha256 of every file in the directory.
+
+    Files get the usual mode of new files first (safetensors writes its files ``0600``, so others on a shared
+    machine could not read a published checkpoint)."""
     directory = Path(directory)
+    mode = usual_file_mode()
     files = {}
+    for f in sorted(directory.rglob("*")):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
     for f in sorted(directory.rglob("*")):
         if f.is_file() and f.name != MANIFEST and ".partial" not in f.parts[-2:-1] and "resume" not in f.relative_to(directory).parts:
             files[str(f.relative_to(directory))] = sha256_file(f)

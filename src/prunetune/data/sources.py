@@ -1,8 +1,8 @@
 """Named corpora and local files, resolved to one text with a documented joining rule.
 
-Named sources: ``wikitext2`` (raw test split: the local file as is, or the HF dataset's lines joined
-with "\\n\\n" when online), ``c4`` (validation documents joined with "\\n\\n"), ``tinystories`` (bundled
-excerpt). Anything else is a path: ``.txt`` (as is), ``.jsonl`` (the ``text`` field of each line,
+Named sources: ``wikitext2`` (raw test split: its non-empty lines concatenated, each ending in a newline —
+the local file as is, or the same built from the HF dataset's lines when online), ``c4`` (validation
+documents joined with "\\n\\n"), ``tinystories`` (bundled excerpt). Anything else is a path: ``.txt`` (as is), ``.jsonl`` (the ``text`` field of each line,
 joined with "\\n\\n") or ``.parquet`` (its ``text`` column, same joining).
 """
 
@@ -19,6 +19,9 @@ from ..manifest import sha256_bytes
 from ..paths import TINYSTORIES, data_dir
 
 NAMED = ("wikitext2", "c4", "tinystories")
+#: one name, one text: the local raw test file and the Hub's test split both give the split's non-empty lines,
+#: each with its newline, concatenated (the local copy has no empty lines); the recorded sha256 tells them apart
+WIKITEXT_JOINING = "the test split's non-empty lines concatenated, each ending in a newline (the raw file as is)"
 DOC_SEP = "\n\n"
 
 
@@ -35,20 +38,33 @@ class TextSource:
                 "chars": len(self.text), "sha256": sha256_bytes(self.text.encode("utf-8"))}
 
 
-def _read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
-    texts = []
+def read_jsonl(path: Path, required: tuple[str, ...] = (), limit: int | None = None) -> list[dict]:
+    """The records of a JSON-lines file (blank lines skipped, at most ``limit``), each checked to be an object
+    with a string in every ``required`` field; one clear line naming the file and line otherwise."""
+    records = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                raise PrunetuneError(f"'{path}' line {lineno} is not valid JSON") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                raise PrunetuneError(f"'{path}' line {lineno} has no string field '{field}'")
-            texts.append(rec[field])
-    return texts
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise PrunetuneError(f"'{path}' line {lineno} is not valid JSON (not UTF-8 text)") from None
+            except json.JSONDecodeError as e:
+                raise PrunetuneError(f"'{path}' line {lineno} is not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise PrunetuneError(f"'{path}' line {lineno} is not a JSON object")
+            for key in required:
+                if not isinstance(rec.get(key), str):
+                    raise PrunetuneError(f"'{path}' line {lineno} has no string field '{key}'")
+            records.append(rec)
+            if limit is not None and len(records) >= limit:
+                break
+    return records
+
+
+def _read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
+    return [r[field] for r in read_jsonl(path, (field,))]
 
 
 def _read_file(path: Path) -> tuple[str, str]:
@@ -81,14 +97,20 @@ def _read_file(path: Path) -> tuple[str, str]:
         raise PrunetuneError(f"'{path}' is not UTF-8 text") from None
 
 
+def wikitext_from_lines(lines) -> str:
+    """The text ``wikitext2`` names, from the dataset's lines (each ends in a newline; blank ones separate
+    paragraphs): the non-empty lines concatenated — the local raw file exactly."""
+    return "".join(t for t in lines if t.strip())
+
+
 def _from_hf(name: str) -> tuple[str, str, str]:
     """Fetch a named corpus from the Hugging Face Hub (only when no local copy exists)."""
     try:
         import datasets
 
-        if name == "wikitext2":
+        if name == "wikitext2":  # the same text as the local raw file: its non-empty lines, as they are
             ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
-            return DOC_SEP.join(ds["text"]), "hf:wikitext/wikitext-2-raw-v1", "lines joined with \\n\\n"
+            return wikitext_from_lines(ds["text"]), "hf:wikitext/wikitext-2-raw-v1", WIKITEXT_JOINING
         if name == "c4":
             ds = datasets.load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
                                        split="validation")
@@ -105,8 +127,8 @@ def load_text(source: str | Path) -> TextSource:
     if key in ("wikitext2", "wikitext"):
         local = data_dir() / "wikitext-2" / "wiki.test.raw" if data_dir() else None
         if local and local.is_file():
-            text, joining = _read_file(local)
-            ts = TextSource("wikitext2", text, str(local), "test", joining)
+            text, _ = _read_file(local)
+            ts = TextSource("wikitext2", text, str(local), "test", WIKITEXT_JOINING)
         else:
             text, origin, joining = _from_hf("wikitext2")
             ts = TextSource("wikitext2", text, origin, "test", joining)

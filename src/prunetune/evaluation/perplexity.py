@@ -34,16 +34,44 @@ def check_seqlen(model, seqlen: int) -> None:
         raise PrunetuneError(f"--seqlen {seqlen} is larger than the model allows ({limit} positions)")
 
 
+#: BOS handling: ``stream`` — the tokenizer's own (at most one BOS, at the start of the whole text); ``window`` —
+#: a BOS opens every window (``seqlen − 1`` text tokens after it); ``none`` — no BOS anywhere
+BOS_MODES = ("stream", "window", "none")
+#: families trained to see BOS at the start of every sequence: scoring them without one per window measures
+#: a state they never saw (Gemma-3 on WikiText-2 scores 2.5x worse); every other family keeps ``stream``
+BOS_PER_WINDOW = ("gemma", "gemma2", "gemma3", "gemma3_text", "recurrent_gemma")
+
+
+def default_bos(model) -> str:
+    return "window" if getattr(model.config, "model_type", None) in BOS_PER_WINDOW else "stream"
+
+
+def windows_of(ids: torch.Tensor, seqlen: int, bos: str, bos_id: int | None) -> torch.Tensor:
+    """The (n, seqlen) windows of a token stream under a BOS mode (remainder dropped)."""
+    if bos not in BOS_MODES:
+        raise PrunetuneError(f"unknown BOS mode '{bos}' (use {', '.join(BOS_MODES)})")
+    if bos in ("window", "none") and bos_id is not None and ids.numel() and ids[0].item() == bos_id:
+        ids = ids[1:]
+    if bos != "window":
+        n = ids.numel() // seqlen
+        return ids[: n * seqlen].view(n, seqlen)
+    if bos_id is None:
+        raise PrunetuneError("--bos window: the tokenizer has no BOS token")
+    n = ids.numel() // (seqlen - 1)
+    body = ids[: n * (seqlen - 1)].view(n, seqlen - 1)
+    return torch.cat([torch.full((n, 1), bos_id, dtype=ids.dtype), body], dim=1)
+
+
 @torch.no_grad()
 def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, *, batch_size: int = 8, max_windows: int | None = None,
-                      desc: str = "perplexity", progress: bool = True) -> dict:
+                      desc: str = "perplexity", progress: bool = True, bos: str = "stream",
+                      bos_id: int | None = None) -> dict:
     check_seqlen(model, seqlen)
-    nwin = ids.numel() // seqlen
-    if max_windows is not None:
-        nwin = min(nwin, max_windows)
+    windows = windows_of(ids, seqlen, bos, bos_id)
+    nwin = windows.shape[0] if max_windows is None else min(windows.shape[0], max_windows)
     if nwin == 0:
         raise PrunetuneError(f"the corpus has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    windows = ids[: nwin * seqlen].view(nwin, seqlen)
+    windows = windows[:nwin]
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     bar = tqdm(range(0, nwin, batch_size), desc=desc, unit="batch", disable=not progress, leave=False)
@@ -62,19 +90,26 @@ def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, *, batch_size: int 
 
 
 def perplexity(model, tokenizer, corpus: str, *, seqlen: int = 512, batch_size: int = 8,
-               max_windows: int | None = None, progress: bool = True) -> dict:
-    """Perplexity of ``model`` on a named corpus or text file, with its protocol."""
+               max_windows: int | None = None, progress: bool = True, bos: str | None = None) -> dict:
+    """Perplexity of ``model`` on a named corpus or text file, with its protocol. ``bos``: ``stream`` |
+    ``window`` | ``none`` (see ``BOS_MODES``); None: ``window`` for families that need a BOS per sequence
+    (Gemma), ``stream`` for every other."""
     check_seqlen(model, seqlen)
+    bos = bos or default_bos(model)
     source = load_text(corpus)
     ids = token_stream(tokenizer, source)
+    bos_id = tokenizer.bos_token_id
     res = perplexity_of_ids(model, ids, seqlen, batch_size=batch_size, max_windows=max_windows,
-                            desc=f"ppl {source.name}", progress=progress)
-    bos = tokenizer.bos_token_id
+                            desc=f"ppl {source.name}", progress=progress, bos=bos, bos_id=bos_id)
+    at_start = bos_id is not None and ids[0].item() == bos_id
     res["protocol"] = {
         "corpus": source.describe(),
         "tokens": int(ids.numel()),
         "windows": "non-overlapping, remainder dropped" + (f", first {max_windows}" if max_windows else ""),
-        "bos": "one at stream start" if bos is not None and ids[0].item() == bos else "none added",
+        "bos_mode": bos,
+        "bos": {"stream": "one at stream start" if at_start else "none added",
+                "window": f"one opening every window ({seqlen - 1} text tokens after it)",
+                "none": "none"}[bos],
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "batch_size": batch_size,
     }

@@ -146,6 +146,7 @@ class PplRow:
     ppl: dict  # corpus -> ppl
     source: str
     dense_ref: dict = field(default_factory=dict)  # corpus -> dense ppl from the same file
+    protocol: str = ""  # how the numbers were measured (windows, calibration)
 
 
 @dataclass
@@ -155,6 +156,7 @@ class ZsEntry:
     average: dict
     metric: str
     source: str
+    protocol: str = ""
 
 
 def _pruned_identity(model_info: dict) -> tuple[str, str, str] | None:
@@ -172,6 +174,29 @@ def _pruned_identity(model_info: dict) -> tuple[str, str, str] | None:
         return None
 
 
+def _ppl_protocol(results: dict) -> str:
+    """``seqlen``-token windows and how many, per corpus, from eval result entries."""
+    parts = []
+    for c, r in results.items():
+        n, sl = r.get("windows"), r.get("seqlen")
+        if n is not None and sl is not None:
+            parts.append(f"{c} {n} x {sl}")
+    return "windows: " + ", ".join(parts) if parts else ""
+
+
+def _calib_protocol(cal) -> str:
+    if not isinstance(cal, dict):
+        return ""
+    src = cal.get("source") or {}
+    name = src.get("name") if isinstance(src, dict) else src
+    return f"calibration {name} {cal.get('nsamples')} x {cal.get('seqlen')} seed {cal.get('seed')}"
+
+
+def _zs_protocol(z: dict) -> str:
+    ns = sorted({r.get("n") for r in z["tasks"].values() if isinstance(r, dict) and r.get("n") is not None})
+    return f"n = {', '.join(map(str, ns))} examples per task" if ns else ""
+
+
 def _gather(sources: list[Source]):
     ppl_rows: list[PplRow] = []
     zs: list[ZsEntry] = []
@@ -184,11 +209,13 @@ def _gather(sources: list[Source]):
             ident = _pruned_identity(info)
             model, method, sp = ident if ident else (_model_name(info.get("spec")), "dense", "0")
             if d["perplexity"]:
-                ppl_rows.append(PplRow(model, method, sp, {c: r["ppl"] for c, r in d["perplexity"].items()}, name))
+                ppl_rows.append(PplRow(model, method, sp, {c: r["ppl"] for c, r in d["perplexity"].items()}, name,
+                                       protocol=_ppl_protocol(d["perplexity"])))
             if d.get("zeroshot"):
                 z = d["zeroshot"]
                 label = model if method == "dense" else f"{model} {method} {sp}"
-                zs.append(ZsEntry(label, z["tasks"], z.get("average") or {}, z.get("average_metric", "acc"), name))
+                zs.append(ZsEntry(label, z["tasks"], z.get("average") or {}, z.get("average_metric", "acc"), name,
+                                  _zs_protocol(z)))
         elif s.kind == "prune":
             man = d["manifest"]
             model = _model_name((man.get("model") or {}).get("spec"))
@@ -199,12 +226,16 @@ def _gather(sources: list[Source]):
             if d.get("eval"):
                 before = {c: r["ppl"] for c, r in d["eval"]["before"].items()}
                 after = {c: r["ppl"] for c, r in d["eval"]["after"].items()}
-                ppl_rows.append(PplRow(model, "dense", "0", before, name))
-                ppl_rows.append(PplRow(model, man["method"], str(man["sparsity"]), after, name, dense_ref=before))
+                prot = _ppl_protocol(d["eval"]["after"])
+                ppl_rows.append(PplRow(model, "dense", "0", before, name, protocol=prot))
+                ppl_rows.append(PplRow(model, man["method"], str(man["sparsity"]), after, name, dense_ref=before,
+                                       protocol="; ".join(x for x in (prot, _calib_protocol(man.get("calibration")))
+                                                          if x)))
         elif s.kind == "bench":
             benches.append(s)
         elif s.kind == "prune_benchmark":
             model = _model_name(d["protocol"].get("model"))
+            prot = "; ".join(str(d["protocol"][k]) for k in ("perplexity", "calibration") if d["protocol"].get(k))
             dense = None
             for key, r in d["runs"].items():
                 if r["method"] == "dense":
@@ -213,7 +244,7 @@ def _gather(sources: list[Source]):
                 is_dense = r["method"] == "dense"
                 ppl_rows.append(PplRow(model, "dense" if is_dense else str(r["method"]),
                                        "0" if is_dense else str(r["sparsity"]), dict(r["ppl"]), name,
-                                       dense_ref={} if is_dense or dense is None else dense))
+                                       dense_ref={} if is_dense or dense is None else dense, protocol=prot))
     # the same dense numbers from several files appear once
     seen, unique = set(), []
     for r in ppl_rows:
@@ -259,7 +290,7 @@ def _ppl_section(rows: list[PplRow]) -> list[str]:
     header = ["model", "method", "sparsity"]
     for c in corpora:
         header += [f"{c} ppl", "× dense"]
-    header.append("source")
+    header += ["protocol", "source"]
     body = []
     for r in sorted(rows, key=_row_sort_key):
         cells = [r.model, r.method, "dense" if r.method == "dense" else r.sparsity]
@@ -267,7 +298,7 @@ def _ppl_section(rows: list[PplRow]) -> list[str]:
             v = r.ppl.get(c)
             dense = _dense_for(r, rows, c) if v is not None else None
             cells += [_f(v), _f(v / dense) if v is not None and dense else "–"]
-        cells.append(r.source)
+        cells += [r.protocol or "–", r.source]
         body.append(cells)
     return ["## Perplexity", "",
             "Lower is better. `× dense`: perplexity / the dense model's on the same corpus (same file when it has "
@@ -291,12 +322,16 @@ def _zs_section(entries: list[ZsEntry]) -> list[str]:
         body.append(row)
     metrics = sorted({e.metric for e in entries})
     avg = ["**average**"]
+    prot = ["protocol"]
     for e in entries:
         avg += [_f(e.average.get("acc"), 4), _f(e.average.get("acc_norm"), 4)]
-    body.append(avg)
+        prot += [e.protocol or "–", e.source]
+    body += [avg, prot]
     return ["## Zero-shot accuracy", "",
             f"Average: unweighted mean over the requested tasks; headline metric: {', '.join(metrics)}. "
-            "acc_norm is the length-normalised accuracy.", "", *_table(header, body), ""]
+            "acc_norm is the length-normalised accuracy. Zero-shot log-likelihood multiple choice "
+            "(lm-evaluation-harness); the last row: examples scored and the source file.", "",
+            *_table(header, body), ""]
 
 
 def _prune_section(prunes: list[dict]) -> list[str]:

@@ -20,6 +20,7 @@ from ..io import (all_finite, atomic_output_dir, check_output_dir, load_model, p
                   resolve_model, verify_manifest, write_manifest)
 from ..manifest import machine, measure, peak_rss_mb, versions
 from ..models import get_adapter
+from ..models.discover import preflight
 from .masks import parse_sparsity
 from .methods import get_method
 from .owl import outlier_ratios, owl_layer_specs
@@ -91,20 +92,28 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
             log.info("removing the leftovers of an earlier interrupted run: %s", partial)
             shutil.rmtree(partial)
 
+    if src.kind == "local":
+        preflight(src.path)  # an unsupported model is said before any weight is read
     t_start = time.time()
     with measure() as meas:
         streaming = src.kind == "local" and any(f.endswith(".safetensors") for f in src.weight_files)
         if stream is not None:
             streaming = stream and streaming
+        net = source = None
         if streaming:
             verify_manifest(src.path)  # a prunetune output: every file must still match its recorded hash
             net, source = open_streaming(src.path, torch_dtype)
-            model_info = src.describe()
-            model_info.update(model_type=net.config.model_type, dtype=str(torch_dtype).replace("torch.", ""),
-                              loading="streamed layer by layer")
-        else:
+            renamed = [n for n, _ in net.named_parameters() if n not in source]
+            if renamed:  # transformers converts such checkpoints (e.g. per-expert MoE tensors) while loading
+                log.info("'%s' stores '%s' under another name: loading the whole model", src.spec, renamed[0])
+                net = source = None
+            else:
+                model_info = src.describe()
+                model_info.update(model_type=net.config.model_type, dtype=str(torch_dtype).replace("torch.", ""),
+                                  loading="streamed layer by layer")
+        if net is None:
+            streaming = False
             net, _, model_info = load_model(src.spec, dtype=dtype, device="cpu", tokenizer=False)
-            source = None
             model_info["loading"] = "whole model in memory"
         tok = _load_tokenizer(src)
         adapter = get_adapter(net)
@@ -156,12 +165,13 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                 start_layer, start_hidden = state["layer"] + 1, state["hidden"]
                 done = [LayerResult(**r) for r in state["results"]]
                 layer_specs = state.get("layer_specs")
+            if streaming:  # layer 0 runs once while each layer's arguments are recorded
+                materialize_layer(0, adapter.layers[0])
             inputs = adapter.first_layer_inputs(batches, device)
-            kwargs = inputs.kwargs
             if streaming:  # the embedding was only needed for these inputs; _write_rest copies it from the source
                 _release_outside_layers(net, adapter)
             if owl and layer_specs is None:
-                ratios = outlier_ratios(net, inputs.hidden, kwargs, device, m=owl_m,
+                ratios = outlier_ratios(net, inputs.hidden, inputs.layer_kwargs, device, m=owl_m,
                                         materialize_layer=materialize_layer if streaming else None,
                                         release_layer=(lambda i, l: release(l)) if streaming else None)
                 layer_specs = owl_layer_specs(ratios, spec, owl_lambda)
@@ -183,7 +193,8 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
 
             sequential_prune(net, batches=batches, cfg=cfg, device=device, on_layer_done=on_layer_done,
                              start_layer=start_layer, start_hidden=start_hidden if resume else inputs.hidden,
-                             kwargs=kwargs, materialize_layer=materialize_layer if streaming else None,
+                             layer_kwargs=inputs.layer_kwargs,
+                             materialize_layer=materialize_layer if streaming else None,
                              progress=progress)
             _write_rest(net, adapter, source, writer, tmp, tok, torch_dtype)
             shutil.rmtree(tmp / RESUME, ignore_errors=True)
@@ -288,6 +299,7 @@ def _report(done: list[LayerResult], protocol: dict, net, adapter) -> dict:
             "pruned_matrices": len(done), "pruned_params": pruned,
             "sparsity_of_pruned_matrices": zeros / pruned if pruned else 0.0,
             "mean_rel_error": sum(r.rel_error for r in done) / len(done) if done else 0.0,
+            "error_basis": sorted({r.error_basis for r in done}),
         },
     }
 

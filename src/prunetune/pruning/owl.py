@@ -14,12 +14,14 @@ from ..models import get_adapter
 from .masks import SparsitySpec
 
 
-def outlier_ratios(model, hidden, kwargs, device, m: float = 5.0, materialize_layer=None, release_layer=None) -> list[float]:
-    """One dense pass over the layers; returns each layer's outlier ratio."""
+def outlier_ratios(model, hidden, layer_kwargs, device, m: float = 5.0, materialize_layer=None,
+                   release_layer=None) -> list[float]:
+    """One dense pass over the layers (layer ``i`` with ``layer_kwargs[i]``); returns each layer's outlier ratio."""
     adapter = get_adapter(model)
-    kwargs = adapter.kwargs_to(kwargs, device)
+    layer_kwargs = adapter.kwargs_to(layer_kwargs, device)
     ratios = []
     for i, layer in enumerate(adapter.layers):
+        kwargs = layer_kwargs[i]
         if materialize_layer is not None:
             materialize_layer(i, layer)
         layer.to(device)

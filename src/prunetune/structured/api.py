@@ -78,6 +78,10 @@ def shrink(model=None, *, ratio: float, out, method: str = "pca", calib: str = "
             raise PrunetuneError(f"{name} must be positive (got {v})")
     device = _device(device)
     src = resolve_model(model)
+    if src.kind == "local":
+        from ..models.discover import preflight
+
+        preflight(src.path)
     out_path = check_output_dir(out, overwrite=overwrite, inputs=(src.path if src.kind != "hub" else None,))
     t_start = time.time()
     with measure() as meas:

@@ -33,7 +33,6 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -50,9 +49,30 @@ log = logging.getLogger("prunetune")
 INFO_FILE = "prunetune_shrink.json"
 
 
+#: norms on the output of a residual writer (Gemma-2/3 "sandwich" norms): their rms runs over every channel
+#: of the writer's output, so a smaller model cannot reproduce them
+WRITER_NORMS = ("post_feedforward_layernorm", "post_attention_norm", "post_ffw_norm")
+
+
+def sliceable_families() -> list[str]:
+    from ..models.base import _REGISTRY
+
+    return sorted(t for t, cls in _REGISTRY.items() if cls.norm_kind == "rmsnorm" and cls.norm_readers)
+
+
 def check_sliceable(model: nn.Module, what: str = "removing hidden channels"):
     """The model's adapter, or one clear line saying why its hidden channels cannot be removed exactly."""
     adapter = get_adapter(model)
+    mt = model.config.model_type
+    if adapter.norm_kind == "unknown":
+        layer0 = adapter.layers[0]
+        sandwich = [n for n, _ in layer0.named_modules() if n.split(".")[-1] in WRITER_NORMS]
+        why = (f"its layers normalise what their residual writers emit ({', '.join(sandwich)}): those norms see "
+               "every channel, so removed channels cannot be sliced out exactly" if sandwich else
+               "prunetune has no adapter saying which linears write and read its residual stream and how its "
+               "norms scale")
+        raise PrunetuneError(f"{what} is not supported for model type '{mt}': {why} (families that can: "
+                             f"{', '.join(sliceable_families())})")
     if adapter.norm_kind != "rmsnorm" or getattr(model.config, "rms_norm_eps", None) is None:
         raise PrunetuneError(
             f"{what} needs RMSNorm with 'rms_norm_eps' in the config (model type '{model.config.model_type}' uses "
@@ -209,6 +229,8 @@ def slice_hidden(model: nn.Module, keep, *, writer_rows: Callable[[str], torch.T
 def save_shrunk(model: nn.Module, tokenizer, out_dir) -> Path:
     """Save a smaller model (and tokenizer) atomically: write a temporary folder next to ``out_dir``, then
     rename it into place (an existing ``out_dir`` is replaced only once the new one is complete)."""
+    from ..io import publish_dir
+
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -219,13 +241,7 @@ def save_shrunk(model: nn.Module, tokenizer, out_dir) -> Path:
         info = getattr(model, "_prunetune_shrink_info", None)
         if info is not None:
             (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, out, overwrite=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -190,6 +190,12 @@ def tune(model=None, *, method: str, data, out, merge: bool = False, teacher: st
     data_path = resolve_data(data)
     check_data_file(data_path, data_mode)
     src = resolve_model(model)
+    if src.kind == "local":
+        from ..models.discover import preflight
+
+        skeleton = preflight(src.path)  # an unsupported model is said before any weight is read
+        if skeleton is not None:
+            tm.check_structure(skeleton)
     out_path, partial, resumed_from = _open_run(out, resume, overwrite, src)
     t_start, t0 = time.time(), time.perf_counter()
     reset_peak_rss()  # report this job's own peak

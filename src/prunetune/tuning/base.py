@@ -86,6 +86,9 @@ class TuningMethod:
         return {"method": self.name, **self.options()}
 
     # --- before training -----------------------------------------------------------------------
+    def check_structure(self, model: nn.Module) -> None:
+        """Refuse an architecture the method cannot work on; ``model`` may have no weights (meta device)."""
+
     def check(self, model: nn.Module) -> list[str]:
         """Validate the input model; return warnings for the report (raise for what cannot work)."""
         return []

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.sources import read_jsonl
 from ..errors import PrunetuneError
 from ..paths import TINYSTORIES, data_dir
 
@@ -131,34 +132,6 @@ def _check_len(name: str, n: int) -> None:
         raise PrunetuneError(f"{name} must be a positive number of tokens (got {n})")
 
 
-def _read_jsonl(path: Path, required: tuple[str, ...], limit: int | None) -> list[dict]:
-    try:
-        return _read_jsonl_records(path, required, limit)
-    except UnicodeDecodeError:
-        raise PrunetuneError(f"{path}: is not UTF-8 text") from None
-
-
-def _read_jsonl_records(path: Path, required: tuple[str, ...], limit: int | None) -> list[dict]:
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrunetuneError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise PrunetuneError(f"{path}: line {lineno} is not a JSON object")
-            for key in required:
-                if not isinstance(rec.get(key), str):
-                    raise PrunetuneError(f"{path}: line {lineno} has no text field '{key}'")
-            records.append(rec)
-            if limit is not None and len(records) >= limit:
-                break
-    return records
-
-
 def _existing(path) -> Path:
     p = Path(path)
     if not p.is_file():
@@ -197,7 +170,7 @@ def load_instruction_data(path, tokenizer, cutoff_len: int = 512, eval_size: flo
                           seed: int = 0, limit: int | None = None) -> TuneData:
     _check_len("cutoff_len", cutoff_len)
     p = _existing(path)
-    records = _read_jsonl(p, ("instruction", "output"), limit)
+    records = read_jsonl(p, ("instruction", "output"), limit)
     examples, dropped = [], 0
     for rec in records:
         if rec.get("input") is not None and not isinstance(rec["input"], str):
@@ -226,7 +199,7 @@ def load_text_data(path, tokenizer, seq_len: int = 256, eval_size: float | int =
         except UnicodeDecodeError:
             raise PrunetuneError(f"{p}: is not UTF-8 text") from None
     else:
-        docs = [r["text"] for r in _read_jsonl(p, ("text",), limit)]
+        docs = [r["text"] for r in read_jsonl(p, ("text",), limit)]
     docs = [d for d in docs if d.strip()]
     stream: list[int] = []
     eos = tokenizer.eos_token_id

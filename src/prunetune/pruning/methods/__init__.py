@@ -3,7 +3,9 @@
 A method is a function ``fn(W, H, spec, *, damp=0.01, blocksize=128, **opts) -> Tensor``:
 
 * ``W``: float32 weight (out × in); never modified in place;
-* ``H``: ``2 X Xᵀ / N`` (in × in, undampened) or None for methods that do not need it;
+* ``H``: what the method declared it ``needs`` of the calibration inputs ``X`` (in × N tokens):
+  ``"hessian"`` — ``2 X Xᵀ / N`` (in × in, undampened); ``"norms"`` — its diagonal ``2 Σ x_j² / N`` (in,), so
+  no in × in matrix is ever built; ``"none"`` — None (the driver runs no calibration statistics for it);
 * ``spec``: a `SparsitySpec`;
 * returns the new weight (same shape, working dtype), pruned entries exactly 0.0.
 
@@ -23,25 +25,35 @@ from ...errors import PrunetuneError
 __all__ = ["PruneMethod", "register", "get_method", "available", "reject_unknown_opts"]
 
 
+NEEDS = ("hessian", "norms", "none")
+
+
 @dataclass
 class PruneMethod:
     name: str
     fn: Callable
-    needs_hessian: bool
+    needs: str
     doc: str
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.needs == "hessian"
 
 
 _REGISTRY: dict[str, PruneMethod] = {}
 
 
-def register(name: str, needs_hessian: bool = True):
-    """Decorator: register ``fn`` under ``name`` (its docstring's first paragraph becomes ``doc``)."""
+def register(name: str, needs: str = "hessian"):
+    """Decorator: register ``fn`` under ``name`` (its docstring's first paragraph becomes ``doc``); ``needs``:
+    ``"hessian"``, ``"norms"`` or ``"none"`` (see the module docstring)."""
+    if needs not in NEEDS:
+        raise ValueError(f"needs must be one of {NEEDS} (got {needs!r})")
 
     def deco(fn):
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"pruning method '{name}' registered twice")
         doc = (fn.__doc__ or "").strip().split("\n\n")[0]
-        _REGISTRY[name] = PruneMethod(name, fn, needs_hessian, " ".join(doc.split()))
+        _REGISTRY[name] = PruneMethod(name, fn, needs, " ".join(doc.split()))
         return fn
 
     return deco

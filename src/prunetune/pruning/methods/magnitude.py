@@ -11,7 +11,7 @@ from ..masks import SparsitySpec, prune_mask_matrix, prune_mask_nm, prune_mask_r
 from . import register, reject_unknown_opts
 
 
-@register("magnitude", needs_hessian=False)
+@register("magnitude", needs="none")
 def magnitude(W: Tensor, H: Tensor | None, spec: SparsitySpec, *, damp: float = 0.01, blocksize: int = 128,
               scope: str = "matrix", **opts) -> Tensor:
     """Zero the smallest |W| over the whole matrix (scope="matrix") or per output row (scope="row"); no calibration data.

@@ -10,19 +10,20 @@ from ..masks import SparsitySpec, prune_mask_nm, prune_mask_rows, row_chunks
 from . import register, reject_unknown_opts
 
 
-@register("wanda")
+@register("wanda", needs="norms")
 def wanda(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, blocksize: int = 128, **opts) -> Tensor:
     """Score |W_ij|·||X_j||₂, prune the lowest of each output row (N:M: of each group of M); weights not updated.
 
-    ``||X_j||₂² = N/2 · H_jj`` for ``H = 2 X Xᵀ / N``, so ``sqrt(diag H)`` gives the same ranking. Dead inputs
+    ``H``: the column statistics ``2 Σ x_j² / N`` (in,) the driver collects for it, or a full ``H = 2 X Xᵀ / N``
+    (its diagonal is used). ``||X_j||₂² = N/2 · H_jj``, so ``sqrt`` of them gives the same ranking. Dead inputs
     (``H_jj == 0``) score 0 and their column is zeroed. ``damp`` and ``blocksize`` are ignored.
     """
     reject_unknown_opts("wanda", opts, [])
     if H is None:
-        raise ValueError("wanda needs the layer Hessian H (got None)")
+        raise ValueError("wanda needs the input column statistics (got None)")
     dtype = compute_dtype(W, H)
     Wc = W.to(dtype)
-    diag = H.diagonal().to(device=W.device, dtype=dtype)
+    diag = (H.diagonal() if H.dim() == 2 else H).to(device=W.device, dtype=dtype)
     norms = diag.clamp_min(0).sqrt()
     dead = diag == 0
     if spec.is_nm:

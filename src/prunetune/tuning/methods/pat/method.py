@@ -166,6 +166,9 @@ class PATMethod(TuningMethod):
         #: the rotation applied by ``setup`` (float64 d × d), saved with the adapters
         self.rotation: torch.Tensor | None = None
 
+    def check_structure(self, model):
+        check_model(model, self.config)
+
     def check(self, model):
         check_model(model, self.config)
         return []
