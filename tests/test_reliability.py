@@ -241,9 +241,9 @@ def interrupted_run(state):
     """A ``.out.partial`` folder left by an interrupted prune, with ``state`` as its resume state."""
 
     def setup(mp, b, tmp):
-        f = tmp / ".out.partial" / "resume" / "state.pt"
+        f = tmp / ".out.partial" / "resume" / "journal.json"
         f.parent.mkdir(parents=True)
-        f.write_bytes(state) if isinstance(state, bytes) else torch.save(state, f)
+        f.write_bytes(state) if isinstance(state, bytes) else f.write_text(json.dumps(state))
 
     return setup
 
@@ -312,8 +312,8 @@ CASES = [
     ("prune-out-unwritable", [*PRUNE, "--out", "{readonly}/prunetune-out"], ["cannot write"]),
     ("prune-bad-dtype", [*PRUNE, "--dtype", "float8", "--out", "{out}"], ["unknown dtype 'float8'"]),
     ("prune-resume-other-settings", [*PRUNE, "--out", "{out}", "--resume"], ["cannot resume", "other settings"],
-     interrupted_run({"fingerprint": "another run", "layer": 0})),
-    ("prune-resume-damaged-state", [*PRUNE, "--out", "{out}", "--resume"], ["state.pt", "damaged"],
+     interrupted_run({"fingerprint": "another run", "layer": 0, "slot": "b", "results": []})),
+    ("prune-resume-damaged-state", [*PRUNE, "--out", "{out}", "--resume"], ["journal.json", "damaged"],
      interrupted_run(b"PK\x03\x04 cut short")),
     ("prune-disk-full", [*PRUNE, "--out", "{out}"], ["model-layer-00002.safetensors", "No space left on device",
                                                      "--resume"], disk_full_on_layer(2), [".out.partial"]),
@@ -485,7 +485,7 @@ def test_prune_disk_full_then_resume_gives_the_same_files(sgpt, tmp_path, capsys
     rc = main(*SGPT, "--out", out)
     monkeypatch.undo()
     one_line(capsys, rc, "prune", "model-layer-00003.safetensors", "No space left on device", "--resume")
-    assert not out.exists() and (partial_dir_for(out) / "resume" / "state.pt").is_file()
+    assert not out.exists() and (partial_dir_for(out) / "resume" / "journal.json").is_file()
     assert not list(partial_dir_for(out).glob(".model-layer-*"))  # the cut-off file is gone
     assert main(*SGPT, "--out", out, "--resume") == 0  # room again
     assert weights_and_settings(out) == weights_and_settings(sgpt)

@@ -420,3 +420,19 @@ def test_a_tune_method_is_one_registered_class():
                        "--spp-groups does not apply to method lora")
     assert_clean_error(in_process("tune", "--method", "lora", "--method-opt", "r", *COMMON, "--out", "x"),
                        "KEY=VALUE")
+
+
+def test_dora_the_method_in_one_file_tunes_and_merges(runs, alpaca):
+    """The method added as one small module (tuning/methods/dora.py) works end to end with no other change."""
+    import inspect
+
+    from prunetune.api import merge, tune
+    from prunetune.tuning.methods import dora
+
+    assert len(inspect.getsource(dora).splitlines()) < 25
+    out = runs / "dora"
+    rep = tune(DEFAULT_MODEL, method="dora", data="alpaca", out=out, seq_len=192, max_records=24, batch_size=4,
+               max_steps=2, lr=1e-2, eval_size=0, merge=True, checkpoint_every=0, device="cpu", progress=False)
+    assert rep["method"] == "dora" and json.loads((out / "adapters" / "adapter_config.json").read_text())["use_dora"]
+    merge(out, out=runs / "dora-merged", device="cpu")
+    assert_same_weights(out, runs / "dora-merged")

@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. select=obs or solver=direct for apt (repeatable; checked per method)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    p.add_argument("--cache-budget", default="auto", metavar="MB|auto",
+                   help="RAM for the activations between layers; beyond it they live on disk in the working folder "
+                        "(auto: a quarter of the memory available; 0: always on disk)")
     p.add_argument("--eval", nargs="*", default=None, metavar="CORPUS", help="perplexity before/after on these corpora")
     p.add_argument("--out", required=True, help="output folder (written in one rename at the end)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -151,6 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-records", type=int, default=None, help="read only the first N records of the data file")
     p.add_argument("--data-mode", default="auto", help="auto | instruction | text")
     p.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps, for --resume (0 = never)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute layer activations in the backward: far less memory, one more forward per step")
     p.add_argument("--merge", action="store_true", help="also write the merged plain checkpoint (pat always does)")
     p.add_argument("--teacher", default=None, metavar="MODEL|auto",
                    help="distil from this model (same vocabulary); auto: the model the input was pruned or shrunk "
@@ -279,7 +284,7 @@ def _cmd_prune(a):
     res = prune(a.model, method=a.method, sparsity=a.sparsity, out=a.out, calib=a.calib, nsamples=a.nsamples,
                 seqlen=a.seqlen, seed=a.seed, damp=a.damp, blocksize=a.blocksize, owl=a.owl,
                 true_sequential=not a.no_true_sequential, eval_corpora=a.eval, dtype=a.dtype, device=a.device,
-                overwrite=a.overwrite, resume=a.resume, batch_size=a.batch_size,
+                overwrite=a.overwrite, resume=a.resume, batch_size=a.batch_size, cache_budget=a.cache_budget,
                 method_opts=parse_method_opts(a.method_opt))
     print(res["summary_table"])
     print(f"wrote {a.out}")
@@ -344,7 +349,8 @@ def _cmd_tune(a):
                progress=not a.no_progress, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
                epochs=a.epochs, max_steps=a.max_steps, warmup=a.warmup, schedule=a.schedule,
                weight_decay=a.weight_decay, seed=a.seed, eval_every=a.eval_every,
-               checkpoint_every=a.checkpoint_every, **_method_options(a))
+               checkpoint_every=a.checkpoint_every, gradient_checkpointing=a.gradient_checkpointing or None,
+               **_method_options(a))
     print(summary(res))
     print(f"wrote {a.out}")
 

@@ -250,10 +250,11 @@ class ModelAdapter:
         raise NotImplementedError(name)
 
     # --- running layers on cached inputs -----------------------------------------------------
-    def first_layer_inputs(self, batches: list[torch.Tensor], device: torch.device | str) -> LayerInputs:
+    def first_layer_inputs(self, batches: list[torch.Tensor], device: torch.device | str, sink=None) -> LayerInputs:
         """Run the model once per batch of token ids up to decoder layer 0 (the first batch through stand-ins of
-        every layer, recording each layer's own arguments); keep the hidden states on CPU. Layer 0 must hold
-        its weights (it runs once, for the arguments of the later layers and the trace of its linears)."""
+        every layer, recording each layer's own arguments); keep the hidden states on CPU, or hand each batch's
+        to ``sink.write(i, hidden)`` (then ``hidden`` is empty: nothing accumulates). Layer 0 must hold its
+        weights (it runs once, for the arguments of the later layers and the trace of its linears)."""
         layers = self.layers
         originals = list(layers)
         book = _Book(len(originals))
@@ -263,14 +264,17 @@ class ModelAdapter:
         hidden = []
         try:
             originals[0].to(device)
-            for ids in batches:
+            for i, ids in enumerate(batches):
                 try:
                     self.model(input_ids=ids.to(device), use_cache=False)
                 except _Stop:
                     pass
                 if book.hidden is None:
                     raise PrunetuneError("the model's forward never reached its first decoder layer")
-                hidden.append(book.hidden.detach().to("cpu"))
+                if sink is not None:
+                    sink.write(i, book.hidden)
+                else:
+                    hidden.append(book.hidden.detach().to("cpu"))
                 book.full, book.hidden = False, None
         finally:
             for i, layer in enumerate(originals):

@@ -24,6 +24,7 @@ from ..models.discover import preflight
 from .masks import parse_sparsity
 from .methods import get_method
 from .owl import outlier_ratios, owl_layer_specs
+from .activations import JOURNAL, ActivationCache, Slot, parse_budget, read_journal
 from .sequential import DriverConfig, LayerResult, sequential_prune
 
 log = logging.getLogger("prunetune")
@@ -56,12 +57,14 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
           owl_m: float = 5.0, true_sequential: bool = True, eval_corpora=None, eval_seqlen: int = 512,
           eval_max_windows: int | None = None, dtype: str = "float32", device: str | None = None,
           overwrite: bool = False, resume: bool = False, batch_size: int = 8, method_opts: dict | None = None,
-          stream: bool | None = None, progress: bool = True) -> dict:
+          stream: bool | None = None, cache_budget="auto", progress: bool = True) -> dict:
     """Prune ``model`` (HF dir, Hub id or GGUF) and write a plain HF checkpoint plus ``prune_report.json`` to ``out``.
 
     ``sparsity``: 0.5 = half of every pruned matrix is zero; "2:4" keeps 2 of every 4 consecutive input
     weights. Local safetensors checkpoints are streamed one layer at a time (bounded memory); others are
-    loaded whole. ``resume=True`` continues a killed run from its last finished layer.
+    loaded whole. The activations between layers stay in RAM up to ``cache_budget`` MB (``"auto"``: a quarter
+    of the memory available), else on disk in the working folder. ``resume=True`` continues a killed run from
+    its last finished layer.
     """
     from ..api import _device
 
@@ -77,10 +80,11 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
         raise PrunetuneError("--owl sets per-layer unstructured sparsity; it cannot be combined with N:M")
     device = _device(device)
     torch_dtype = parse_dtype(dtype)
+    budget_mb = parse_budget(cache_budget)
     src = resolve_model(model)
     out_path = Path(out).expanduser().resolve()
     partial = partial_dir_for(out_path)
-    state_file = partial / RESUME / "state.pt"
+    state_file = partial / RESUME / JOURNAL
     if resume:
         if out_path.exists() and not overwrite:
             raise PrunetuneError(f"output directory '{out_path}' already exists (use --overwrite to replace it)")
@@ -137,7 +141,7 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
         }
         fingerprint = _fingerprint(protocol)
         if resume:  # checked before the working folder is opened: a refused resume leaves it intact
-            state = _load_state(state_file)
+            state = read_journal(state_file.parent)
             if state.get("fingerprint") != fingerprint:
                 raise PrunetuneError("cannot resume: the interrupted run used other settings or another model "
                                      "(start again without --resume)")
@@ -156,49 +160,55 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                 raise PrunetuneError(f"weights of '{name}' contain NaN/Inf")
 
         # kept after a crash, a kill or a full disk once a finished layer can be resumed
-        resumable = lambda tmp: (tmp / RESUME / "state.pt").is_file()  # noqa: E731
+        resumable = lambda tmp: (tmp / RESUME / JOURNAL).is_file()  # noqa: E731
+        shapes = [(int(b.shape[0]), int(b.shape[1]), int(adapter.hidden_size)) for b in batches]
         with atomic_output_dir(out_path, overwrite=overwrite, keep_partial=resumable) as tmp:
             writer = ShardWriter(tmp)
-            start_layer, start_hidden, done = 0, None, []
-            layer_specs = None
+            cache = ActivationCache(tmp / RESUME, shapes, torch_dtype, budget_mb)
+            start_layer, slot, done, layer_specs = 0, "a", [], None
             if resume:
-                start_layer, start_hidden = state["layer"] + 1, state["hidden"]
+                start_layer, slot = state["layer"] + 1, state["slot"]
                 done = [LayerResult(**r) for r in state["results"]]
                 layer_specs = state.get("layer_specs")
+                layer_specs = [parse_sparsity(x) for x in layer_specs] if layer_specs else None
+            else:
+                cache.check_disk()
+                for sl in cache.slots.values():
+                    sl.create()
             if streaming:  # layer 0 runs once while each layer's arguments are recorded
                 materialize_layer(0, adapter.layers[0])
-            inputs = adapter.first_layer_inputs(batches, device)
+            inputs = adapter.first_layer_inputs(batches, device, sink=_Discard() if resume else cache.slots["a"])
             if streaming:  # the embedding was only needed for these inputs; _write_rest copies it from the source
                 _release_outside_layers(net, adapter)
             if owl and layer_specs is None:
-                ratios = outlier_ratios(net, inputs.hidden, inputs.layer_kwargs, device, m=owl_m,
+                extra = Slot(tmp / RESUME / "hidden-owl.bin", shapes, torch_dtype, False)
+                extra.create()
+                ratios = outlier_ratios(net, cache.slots["a"], inputs.layer_kwargs, device, m=owl_m,
                                         materialize_layer=materialize_layer if streaming else None,
-                                        release_layer=(lambda i, l: release(l)) if streaming else None)
+                                        release_layer=(lambda i, l: release(l)) if streaming else None,
+                                        scratch=(cache.slots["b"], extra))
+                extra.path.unlink(missing_ok=True)
                 layer_specs = owl_layer_specs(ratios, spec, owl_lambda)
             cfg = DriverConfig(method=pm, spec=spec, damp=damp, blocksize=blocksize, true_sequential=true_sequential,
                                method_opts=dict(method_opts or {}), layer_specs=layer_specs)
 
-            def on_layer_done(i, layer, results, hidden, kw):
+            def on_layer_done(i, layer, results, hidden, kw, out_slot):
                 prefix = adapter.layer_prefix(i)
                 writer.write(writer.layer_file(i), {prefix + k: v for k, v in layer.state_dict().items()})
                 done.extend(results)
-                (tmp / RESUME).mkdir(exist_ok=True)
-                tmp_state = tmp / RESUME / "state.pt.tmp"
-                with open(tmp_state, "wb") as f:  # a file object: a full disk is an OSError, not torch's RuntimeError
-                    torch.save({"fingerprint": fingerprint, "layer": i, "hidden": hidden,
-                                "results": [asdict(r) for r in done], "layer_specs": layer_specs}, f)
-                tmp_state.replace(tmp / RESUME / "state.pt")
+                cache.write_journal({"fingerprint": fingerprint, "layer": i, "slot": out_slot,
+                                     "results": [asdict(r) for r in done],
+                                     "layer_specs": [str(x) for x in layer_specs] if layer_specs else None})
                 if streaming:
                     release(layer)
 
             sequential_prune(net, batches=batches, cfg=cfg, device=device, on_layer_done=on_layer_done,
-                             start_layer=start_layer, start_hidden=start_hidden if resume else inputs.hidden,
-                             layer_kwargs=inputs.layer_kwargs,
-                             materialize_layer=materialize_layer if streaming else None,
-                             progress=progress)
+                             start_layer=start_layer, layer_kwargs=inputs.layer_kwargs, cache=cache, slot=slot,
+                             materialize_layer=materialize_layer if streaming else None, progress=progress)
             _write_rest(net, adapter, source, writer, tmp, tok, torch_dtype)
             shutil.rmtree(tmp / RESUME, ignore_errors=True)
             report = _report(done, protocol, net, adapter)
+            report["activation_cache"] = cache.describe()
             report["manifest"] = {"tool": "prunetune", "command": "prune", **protocol, "versions": versions(),
                                   "machine": machine(), "device": device,
                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)),
@@ -247,15 +257,11 @@ def _release_outside_layers(net, adapter) -> None:
             set_module_tensor_to_device(net, name, "meta")
 
 
-def _load_state(state_file: Path) -> dict:
-    try:
-        state = torch.load(state_file, weights_only=False)
-    except Exception as e:  # truncated or overwritten: pickle and zip raise many types
-        raise PrunetuneError(f"cannot resume: '{state_file}' is damaged ({type(e).__name__}; start again "
-                             "without --resume)") from None
-    if not isinstance(state, dict):
-        raise PrunetuneError(f"cannot resume: '{state_file}' is not a prunetune resume state")
-    return state
+class _Discard:
+    """A sink for the first layer's inputs when they are not needed (a resumed run reads its cache)."""
+
+    def write(self, i, t):
+        pass
 
 
 def _semantics(spec) -> str:

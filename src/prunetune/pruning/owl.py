@@ -15,8 +15,10 @@ from .masks import SparsitySpec
 
 
 def outlier_ratios(model, hidden, layer_kwargs, device, m: float = 5.0, materialize_layer=None,
-                   release_layer=None) -> list[float]:
-    """One dense pass over the layers (layer ``i`` with ``layer_kwargs[i]``); returns each layer's outlier ratio."""
+                   release_layer=None, scratch=None) -> list[float]:
+    """One dense pass over the layers (layer ``i`` with ``layer_kwargs[i]``); returns each layer's outlier ratio.
+    ``hidden``: the first layer's inputs (a list, or an activation-cache slot, left unchanged); ``scratch``: two
+    cache slots the pass alternates between (else the outputs are kept in a list)."""
     adapter = get_adapter(model)
     layer_kwargs = adapter.kwargs_to(layer_kwargs, device)
     ratios = []
@@ -36,11 +38,17 @@ def outlier_ratios(model, hidden, layer_kwargs, device, m: float = 5.0, material
                 hooks.append(layer.get_submodule(adapter.derived_inputs[name]).register_forward_hook(hook))
             else:
                 hooks.append(lin.register_forward_pre_hook(hook))
-        outs = []
+        out_slot = scratch[i % 2] if scratch is not None else None
         with torch.no_grad():
             try:
-                for h in hidden:
-                    outs.append(adapter.run_layer(layer, h.to(device), kwargs).to("cpu"))
+                outs = []
+                for j in range(len(hidden)):
+                    y = adapter.run_layer(layer, hidden[j].to(device), kwargs).to("cpu")
+                    if out_slot is None:
+                        outs.append(y)
+                    else:
+                        out_slot.write(j, y)
+                outs = out_slot if out_slot is not None else outs
             finally:
                 for hk in hooks:
                     hk.remove()

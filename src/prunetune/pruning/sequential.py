@@ -3,9 +3,10 @@
 For each decoder layer: capture the inputs of its linears with hooks (true-sequential sub-groups:
 q/k/v, then o, then gate/up, then down, re-running the layer between groups so later groups see the
 already-pruned earlier ones), prune them with the chosen method, then run the pruned layer to make the
-next layer's inputs. Only one layer is on the accelerator at a time; cached activations stay on CPU.
-After each layer its weights go to their own shard file and the activations to a resume file, so a
-killed run continues from the last finished layer with bit-identical results.
+next layer's inputs. Only one layer is on the accelerator at a time; cached activations stay on CPU, in RAM
+or — past a budget — on disk, read back one batch at a time (``activations.py``). After each layer its
+weights go to their own shard file and a small journal records it (the layer's outputs are already in the
+activation cache's file), so a killed run continues from the last finished layer with bit-identical results.
 """
 
 from __future__ import annotations
@@ -145,6 +146,13 @@ class _GroupDone(Exception):
     """Raised once every hooked linear has seen its input: the rest of the layer need not run."""
 
 
+def token_count(hidden) -> int:
+    """Calibration tokens in a list of (batch, seq, d) tensors or an activation-cache slot (not read)."""
+    if hasattr(hidden, "tokens"):
+        return hidden.tokens()
+    return sum(int(h.shape[0] * h.shape[1]) for h in hidden)
+
+
 def _bank_args(args, kwargs):
     """``(hidden, top_k_index)`` of a call ``experts(hidden_states, top_k_index, top_k_weights)``."""
     vals = list(args) + [kwargs.get(k) for k in ("hidden_states", "top_k_index") if k in kwargs]
@@ -156,7 +164,7 @@ def _capture_stats(layer, names, hidden, kwargs, device, adapter, need: str) -> 
 
     The forward stops as soon as the last hooked linear has its input, so capturing q/k/v costs almost
     nothing and true-sequential pruning costs well under one extra layer forward per group."""
-    total = sum(int(h.shape[0] * h.shape[1]) for h in hidden)
+    total = token_count(hidden)
     accs: dict[str, InputStats] = {}
     seen: dict[int, tuple] = {}  # id(input) -> (input, stats), reset for every batch
     fired: set[str] = set()
@@ -278,20 +286,35 @@ def _prune_bank(layer, layer_idx: int, name: str, stats, adapter, cfg: DriverCon
     return out
 
 
-def run_layers(layer_outputs_fn, hidden, kwargs, device):
+def run_layers(layer_outputs_fn, hidden, kwargs, device, out=None):
+    """The layer's outputs for every batch of ``hidden``: a list on CPU, or written into the slot ``out``."""
+    results = []
     with torch.no_grad():
-        return [layer_outputs_fn(h.to(device), kwargs).to("cpu") for h in hidden]
+        for i in range(len(hidden)):
+            y = layer_outputs_fn(hidden[i].to(device), kwargs).to("cpu")
+            if not all_finite(y):
+                raise PrunetuneError("non-finite activations")
+            if out is None:
+                results.append(y)
+            else:
+                out.write(i, y)
+    return out if out is not None else results
 
 
 def sequential_prune(model, *, batches, cfg: DriverConfig, device, on_layer_done=None, start_layer: int = 0,
-                     start_hidden=None, layer_kwargs=None, materialize_layer=None, progress: bool = True):
+                     start_hidden=None, layer_kwargs=None, materialize_layer=None, progress: bool = True,
+                     cache=None, slot: str = "a"):
     """Drive pruning over all layers from ``start_layer``; layer ``i`` runs with ``layer_kwargs[i]``.
 
+    The activations between layers are a list of tensors, or — with ``cache`` (``activations.ActivationCache``)
+    — its two slots: ``start_hidden`` is then ignored and layer ``start_layer`` reads ``cache.slots[slot]``.
     ``materialize_layer(i, layer)`` loads a layer's weights when the model is a streamed skeleton;
-    ``on_layer_done(i, layer, results, outputs, kwargs)`` persists the finished layer (shards + resume).
+    ``on_layer_done(i, layer, results, outputs, kwargs, slot)`` persists the finished layer (shards + resume).
     Returns the list of per-linear results (of the layers run now)."""
     adapter = get_adapter(model)
-    if start_hidden is None:
+    if cache is not None:
+        hidden = cache.slots[slot]
+    elif start_hidden is None:
         inputs = adapter.first_layer_inputs(batches, device)
         hidden, layer_kwargs = inputs.hidden, inputs.layer_kwargs
     else:
@@ -307,13 +330,22 @@ def sequential_prune(model, *, batches, cfg: DriverConfig, device, on_layer_done
             materialize_layer(i, layer)
         layer.to(device)
         results = prune_layer(layer, i, adapter, hidden, kwargs, cfg, device)
-        hidden = run_layers(lambda h, kw: adapter.run_layer(layer, h, kw), hidden, kwargs, device)
-        if not all(all_finite(h) for h in hidden):
-            raise PrunetuneError(f"activations after layer {i} contain NaN/Inf")
+        out_slot = None
+        if cache is not None:
+            slot = "b" if slot == "a" else "a"
+            out_slot = cache.slots[slot]
+        try:
+            hidden_next = run_layers(lambda h, kw: adapter.run_layer(layer, h, kw), hidden, kwargs, device, out_slot)
+        except PrunetuneError:
+            raise PrunetuneError(f"activations after layer {i} contain NaN/Inf") from None
+        if cache is not None:
+            hidden.release()
+            out_slot.flush()
+        hidden = hidden_next
         layer.to("cpu") if materialize_layer is None else None
         all_results.extend(results)
         bar.set_postfix(rel_err=f"{sum(r.rel_error for r in results) / max(len(results), 1):.4f}")
         if on_layer_done is not None:
-            on_layer_done(i, layer, results, hidden, kwargs)
+            on_layer_done(i, layer, results, hidden, kwargs, slot)
         trim_heap()
     return all_results

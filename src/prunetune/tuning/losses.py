@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: positions per chunk: 1024 × a 49k vocabulary is ~200 MB of float32 logits at a time (and one more copy)
-CHUNK_POSITIONS = 1024
+#: positions per chunk: 256 × a 49k vocabulary is ~50 MB of float32 logits at a time (and one more copy)
+CHUNK_POSITIONS = 256
 
 
 @dataclass

@@ -65,7 +65,7 @@ log = logging.getLogger("prunetune")
 SCHEDULES = ("cosine", "linear", "constant")
 #: TrainConfig fields that do not change the trained weights (left out of the run fingerprint)
 _NON_SEMANTIC = {"eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints", "stop_at_step",
-                 "progress", "log_every"}
+                 "progress", "log_every", "gradient_checkpointing"}
 
 
 @dataclass
@@ -96,6 +96,9 @@ class TrainConfig:
     log_every: int = 1
     #: "auto", "cpu" or "cuda"
     device: str = "auto"
+    #: recompute each decoder layer's activations in the backward instead of keeping them (less memory, one more
+    #: forward of the layers per step); the same gradients
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -337,6 +340,10 @@ def train(model: nn.Module, tokenizer, method: TuningMethod, data, config: Train
     params = method.trainable_parameters(model)
     if not params:
         raise PrunetuneError(f"method '{method.name}' left no trainable parameter")
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise PrunetuneError(f"model type '{model.config.model_type}' does not support gradient checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = acc.prepare(model)
     if distill is not None:
         distill.teacher.to(acc.device)

@@ -5,10 +5,13 @@ Algorithm (as in the reference implementation):
 * ``U`` = upper Cholesky factor of ``H⁻¹`` (dampened H), so that the OBS update for removing column ``j``
   from the columns ``≥ j`` is ``W[:, j:] -= (w_j − q_j) / U_jj · U[j, j:]``;
 * columns are processed in blocks of ``blocksize``; at the start of a block the mask of the block is
-  chosen from the current (already updated) weights by the score ``w² / U_jj²``: unstructured — per row,
-  the lowest-scoring share of the block's columns (counts are spread over blocks so that each row ends
-  with exactly ``round(sparsity · in)`` zeros); N:M — when a group of M columns starts, its ``M − N``
-  lowest;
+  chosen from the current (already updated) weights by the score ``w² / U_jj²``: unstructured — by default
+  (``mask_scope="block"``, the reference) one threshold over the whole block, all rows together: the score at
+  position ``int(sparsity · rows · cols_in_block)`` of the block's sorted scores, every score ``≤`` it pruned,
+  so rows end with different zero counts and a block can prune one or a few (ties) more than the share
+  (0.002% of a 576 × 128 block); ``mask_scope="row"`` instead takes per row the lowest-scoring share of the
+  block's columns, spread over blocks so that each row ends with exactly ``round(sparsity · in)`` zeros;
+  N:M — when a group of M columns starts, its ``M − N`` lowest;
 * inside a block, one column at a time: zero the masked weights, spread their error over the block's
   remaining columns; after the block, apply the accumulated error to all later columns at once.
 """
@@ -18,17 +21,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...errors import PrunetuneError
 from ..hessian import PreparedHessian, prepare_hessian
 from ..masks import SparsitySpec, num_pruned
 from . import register, reject_unknown_opts
 
 
+MASK_SCOPES = ("block", "row")
+
+
 def sparsegpt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, blocksize: int = 128,
-                    prepared: PreparedHessian | None = None) -> tuple[Tensor, Tensor, PreparedHessian]:
+                    prepared: PreparedHessian | None = None, mask_scope: str = "block"
+                    ) -> tuple[Tensor, Tensor, PreparedHessian]:
     """SparseGPT; returns ``(W_new, mask, prepared)`` (mask: True = pruned by the algorithm).
 
     ``prepared`` (from `prepare_hessian(..., upper_inverse=True)`) can be passed to reuse the factorization.
+    ``mask_scope`` (unstructured): ``"block"`` (the reference) or ``"row"`` (see the module docstring).
     """
+    if mask_scope not in MASK_SCOPES:
+        raise PrunetuneError(f"sparsegpt: mask_scope must be 'block' or 'row' (got '{mask_scope}')")
     if spec.is_nm:
         spec.check_fits(W.shape[1], f"weight of shape {tuple(W.shape)}")
     prep = prepared if prepared is not None else prepare_hessian(H, W, damp, upper_inverse=True)
@@ -52,7 +63,15 @@ def sparsegpt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0
         U1 = U[i1:i2, i1:i2]
         d = U1.diagonal()
         mask1 = mask[:, i1:i2]
-        if not spec.is_nm:
+        if not spec.is_nm and mask_scope == "block":
+            score = W1.square() / d.square()
+            k = int(score.numel() * spec.sparsity)
+            if k < score.numel():
+                thresh = torch.sort(score.flatten())[0][k]
+                mask1 |= score <= thresh
+            else:
+                mask1.fill_(True)
+        elif not spec.is_nm:
             kb = num_pruned(i2, spec.sparsity) - num_pruned(i1, spec.sparsity)
             if kb:
                 score = W1.square() / d.square()
@@ -78,10 +97,12 @@ def sparsegpt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0
 
 @register("sparsegpt")
 def sparsegpt(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, blocksize: int = 128,
-              **opts) -> Tensor:
+              mask_scope: str = "block", **opts) -> Tensor:
     """SparseGPT: column blocks, mask by w²/[U]_jj² (U = Cholesky factor of H⁻¹), OBS updates of later columns.
 
-    Options: ``damp`` (relative dampening of H), ``blocksize`` (columns per lazy-update block).
+    Options: ``damp`` (relative dampening of H), ``blocksize`` (columns per lazy-update block), ``mask_scope``
+    (unstructured: ``block``, one threshold per block over all rows as the reference code — default — or
+    ``row``, exactly ``round(sparsity · in)`` zeros in every row).
     """
     reject_unknown_opts("sparsegpt", opts, [])
-    return sparsegpt_prune(W, H, spec, damp=damp, blocksize=blocksize)[0]
+    return sparsegpt_prune(W, H, spec, damp=damp, blocksize=blocksize, mask_scope=mask_scope)[0]

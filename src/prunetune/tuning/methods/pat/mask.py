@@ -5,7 +5,7 @@ Gate of hidden channel ``i`` at optimiser step ``s`` (DESIGN.md §5)::
     m_i(s) = sigmoid(τ(s) · W_M[i]) + β(s)
     τ(s)   = 1 / (1 − ln s / ln s0)   for 0 < s < s0,   τ(0) = 0 (the limit of the formula as s → 0)
     β(s)   = max(0, 0.5 − s / s0)
-    m_i(s) = 1[W_M[i] > 0]            for s ≥ s0 (the hard step τ → ∞ reaches at s0)
+    m_i(s) = 1[i ∈ top-N_keep(W_M)]   for s ≥ s0 (the hard step τ → ∞ reaches at s0)
 
 ``s0`` is the milestone (by default a third of all steps, at least 1). ``τ(0) = 0`` and ``β(0) = 0.5`` give
 ``m = 0.5 + 0.5 = 1`` exactly at step 0 whatever ``W_M`` holds, so the wrapped model starts unchanged; ``s = 1``
@@ -13,6 +13,12 @@ gives ``τ = 1`` (``ln 1 = 0``) and ``s0 = 1`` never divides by ``ln 1`` (only `
 step produces NaN or inf. After the milestone the forward gate is binary; its gradient is the straight-through
 sigmoid surrogate ``∂m_i/∂W_M[i] := σ'(W_M[i]) = σ(W_M[i])·(1 − σ(W_M[i]))``, so the task loss keeps ranking
 the channels (a dropped channel still learns whether turning it back on would help).
+
+Deviation from the paper, on purpose: its hard gate is ``1[W_M[i] > 0]`` with ``L_active`` steering the count of
+live channels towards ``N_keep``, and the export keeps the top ``N_keep``. With a small learning rate the count
+drifts (441 live for 432 kept after 30 steps in BENCHMARKS.md §5b), so the export cut channels the model was
+still using. Here the hard gate is the top ``N_keep`` of ``W_M`` from the milestone on: the count cannot drift
+and the model trained after the milestone is the model exported. ``L_active`` still acts before the milestone.
 
 Live channels: channel ``i`` is live when its binarised gate ``1[W_M[i] > 0]`` is non-zero. That is the
 ``1[m_i > 0]`` of the paper evaluated on the gate the soft mask converges to (before the milestone the soft
@@ -126,7 +132,7 @@ class UnifiedMask(nn.Module):
         w = self.W_M
         t = self.tau
         if math.isinf(t):
-            hard = (w > 0).to(w.dtype)
+            hard = self.binary_mask().to(w.dtype)
             return hard if self.frozen else _ste_sigmoid(w, hard)
         return torch.sigmoid(t * w) + self.beta
 
@@ -136,13 +142,17 @@ class UnifiedMask(nn.Module):
         return hard if self.frozen else _ste_sigmoid(self.W_M, hard)
 
     def live_count(self) -> int:
+        """Channels the forward gate keeps: ``N_keep`` from the milestone on, ``#{W_M > 0}`` before."""
         if self.finalized:
             return int((self.final > 0).sum())
+        if math.isinf(self.tau):
+            return self.n_keep
         return int((self.W_M.detach() > 0).sum())
 
     def active_loss(self) -> torch.Tensor:
-        """``|N_keep − Σ 1[W_M > 0]| / N_keep`` (straight-through); 0 once finalised or frozen."""
-        if self.frozen or self.finalized:
+        """``|N_keep − Σ 1[W_M > 0]| / N_keep`` (straight-through) before the milestone; 0 from it on (the gate keeps
+        exactly ``N_keep`` then), once finalised, or when frozen."""
+        if self.frozen or self.finalized or math.isinf(self.tau):
             return torch.zeros((), device=self.W_M.device)
         live = self.live_indicator().sum()
         return (self.n_keep - live).abs() / max(1, self.n_keep)
