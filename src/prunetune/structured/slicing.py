@@ -165,6 +165,49 @@ def _plain_param(model: nn.Module, key: str) -> torch.Tensor:
     return value.detach()
 
 
+class SlicePlan:
+    """How every tensor of the wider model becomes one of the smaller model (see the module docstring): the
+    writers (``R_w`` on their output), the readers (input columns ``keep``), the norms (``sqrt(d/k) · g[keep]``).
+    Used tensor by tensor, so the in-memory shrink and the streamed one share it."""
+
+    def __init__(self, adapter, keep, writer_rows: Callable[[str], torch.Tensor | None] | None = None):
+        d = adapter.hidden_size
+        keep = torch.as_tensor(keep, dtype=torch.long).flatten().cpu()
+        if keep.numel() == 0 or keep.unique().numel() != keep.numel() or int(keep.min()) < 0 or int(keep.max()) >= d:
+            raise PrunetuneError(f"kept channels must be distinct indices in [0, {d})")
+        self.keep = torch.sort(keep).values
+        self.d, self.k = d, int(self.keep.numel())
+        self.writer_rows = writer_rows
+        self.embed_path = adapter.embed_path
+        lp = adapter.layers_path
+        self.writers = {adapter.embed_path} | {f"{lp}.{i}.{w}" for i in range(adapter.num_layers)
+                                               for w in adapter.residual_writers}
+        self.readers = {f"{lp}.{i}.{r}.weight" for i in range(adapter.num_layers) for r in adapter.residual_readers}
+        self.readers.add(adapter.lm_head_path + ".weight")
+        self.norms = {f"{lp}.{i}.{n}.weight" for i in range(adapter.num_layers) for n in adapter.layer_norms}
+        self.norms.add(adapter.final_norm_path + ".weight")
+        self.gain_scale = math.sqrt(d / self.k)
+
+    def tensor(self, key: str, src: torch.Tensor) -> torch.Tensor:
+        """The smaller model's ``key`` from the wider model's tensor of the same name."""
+        mod_path, _, pname = key.rpartition(".")
+        kd = self.keep.to(src.device)
+        if mod_path in self.writers and pname in ("weight", "bias"):
+            R = self.writer_rows(mod_path) if self.writer_rows is not None else None
+            if mod_path == self.embed_path:  # rows are tokens: E' = E R^T
+                return src[:, kd] if R is None else (src.double() @ R.to(src.device, torch.float64).t())
+            return src[kd] if R is None else (R.to(src.device, torch.float64) @ src.double())
+        if key in self.readers:
+            return src[:, kd]
+        if key in self.norms:
+            return src.double()[kd] * self.gain_scale
+        return src
+
+    def info(self) -> dict:
+        return {"hidden_size_before": self.d, "hidden_size": self.k, "ratio": 1 - self.k / self.d,
+                "kept_channels": self.keep.tolist()}
+
+
 @torch.no_grad()
 def slice_hidden(model: nn.Module, keep, *, writer_rows: Callable[[str], torch.Tensor | None] | None = None,
                  param: Callable[[nn.Module, str], torch.Tensor] | None = None) -> nn.Module:
@@ -176,53 +219,22 @@ def slice_hidden(model: nn.Module, keep, *, writer_rows: Callable[[str], torch.T
     from transformers import AutoModelForCausalLM
 
     adapter = check_sliceable(model)
-    d = adapter.hidden_size
-    keep = torch.as_tensor(keep, dtype=torch.long).flatten().cpu()
-    if keep.numel() == 0 or keep.unique().numel() != keep.numel() or int(keep.min()) < 0 or int(keep.max()) >= d:
-        raise PrunetuneError(f"kept channels must be distinct indices in [0, {d})")
-    keep = torch.sort(keep).values
-    k = int(keep.numel())
+    plan = SlicePlan(adapter, keep, writer_rows)
     dtype = adapter.embedding.weight.dtype
     device = adapter.embedding.weight.device
     read = param or _plain_param
-
-    new = AutoModelForCausalLM.from_config(shrunk_config(model.config, k)).to(dtype=dtype)
-    target = new.state_dict()
-    lp = adapter.layers_path
-    writers = {adapter.embed_path} | {f"{lp}.{i}.{w}" for i in range(adapter.num_layers)
-                                      for w in adapter.residual_writers}
-    readers = {f"{lp}.{i}.{r}.weight" for i in range(adapter.num_layers) for r in adapter.residual_readers}
-    readers.add(adapter.lm_head_path + ".weight")
-    norms = {f"{lp}.{i}.{n}.weight" for i in range(adapter.num_layers) for n in adapter.layer_norms}
-    norms.add(adapter.final_norm_path + ".weight")
-    gain_scale = math.sqrt(d / k)
-
+    new = AutoModelForCausalLM.from_config(shrunk_config(model.config, plan.k)).to(dtype=dtype)
     state = {}
-    for key, ref in target.items():
-        src = read(model, key)
-        mod_path, _, pname = key.rpartition(".")
-        kd = keep.to(src.device)
-        if mod_path in writers and pname in ("weight", "bias"):
-            R = writer_rows(mod_path) if writer_rows is not None else None
-            if mod_path == adapter.embed_path:  # rows are tokens: E' = E R^T
-                x = src[:, kd] if R is None else (src.double() @ R.to(src.device, torch.float64).t())
-            else:
-                x = src[kd] if R is None else (R.to(src.device, torch.float64) @ src.double())
-        elif key in readers:
-            x = src[:, kd]
-        elif key in norms:
-            x = src.double()[kd] * gain_scale
-        else:
-            x = src
+    for key, ref in new.state_dict().items():
+        x = plan.tensor(key, read(model, key))
         if x.shape != ref.shape:
             raise PrunetuneError(
-                f"cannot shrink '{key}': got shape {tuple(x.shape)}, the k={k} model needs {tuple(ref.shape)}")
+                f"cannot shrink '{key}': got shape {tuple(x.shape)}, the k={plan.k} model needs {tuple(ref.shape)}")
         state[key] = x.to(dtype=ref.dtype)
     new.load_state_dict(state, strict=True)
     new.to(device)
     new.eval()
-    new._prunetune_shrink_info = {"hidden_size_before": d, "hidden_size": k, "ratio": 1 - k / d,
-                                  "kept_channels": keep.tolist()}
+    new._prunetune_shrink_info = plan.info()
     return new
 
 

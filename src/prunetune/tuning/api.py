@@ -485,39 +485,49 @@ def load_adapted(adapters, *, model=None, method: str | None = None, dtype: str 
 
 
 def merge(adapters, *, out, method: str | None = None, model=None, dtype: str | None = None,
-          device: str | None = None, overwrite: bool = False) -> dict:
+          device: str | None = None, overwrite: bool = False, stream: bool | None = None) -> dict:
     """Turn the adapters of a ``tune`` output into a plain Hugging Face checkpoint in ``out``.
 
     ``adapters``: the ``tune`` output folder (or its ``adapters/`` subfolder). ``method``: defaults to the one
     the adapters were trained with; LoRA adapters can be merged as ``lora`` (plain, dense) or ``lora-masked``.
     ``model``: the base model (default: the recorded one; it must have the recorded fingerprint).
-    SPP: merged sparse checkpoint with the input's zero pattern (verified); PAT: the shrunk model."""
+    SPP: merged sparse checkpoint with the input's zero pattern (verified); PAT: the shrunk model.
+    ``stream``: merge tensor by tensor without loading the model (``tuning/streamed.py``); default: when the
+    base is a local safetensors checkpoint and the method can (SPP, PAT)."""
     adir = find_adapters(adapters)
     rec = _read_record(adir)
     spec = model if model is not None else rec["base_model"].get("path") or rec["base_model"].get("spec")
     src = resolve_model(spec)
     out_path = check_output_dir(out, overwrite=overwrite, inputs=(src.path if src.kind != "hub" else None, str(adir)))
+    trained = get_method(rec["method"])
+    cls = trained if method is None else get_method(method)
+    can_stream = src.kind == "local" and any(f.endswith(".safetensors") for f in src.weight_files) \
+        and hasattr(cls, "stream_tensors") and cls is trained
+    stream = can_stream if stream is None else bool(stream and can_stream)
     t_start, t0 = time.time(), time.perf_counter()
     reset_peak_rss()  # report this job's own peak
-    net, tok, tm, info = load_adapted(adir, model=model, method=method, dtype=dtype, device=device)
-    masks, names = info.pop("masks"), info.pop("linear_names")
     stage = out_path.parent / f".{out_path.name}.merge-{time.time_ns():x}"
     try:
-        report = {"method": tm.name, "trained_with": info.pop("trained_with"), "method_config": tm.options(),
-                  "adapters": info.pop("adapters"), "model": info}
-        exported = _export(tm, net, stage, tok, masks, names)
-        before = info.pop("sparsity_before")
-        if tm.zero_pattern:
-            report["sparsity"] = {"before": before, "after_merge": exported.pop("sparsity_after_merge"),
-                                  "of": "decoder-layer linear weights"}
-        report.update(exported)
+        if stream:
+            tm, report = _merge_streamed(adir, rec, cls, src, stage, dtype)
+        else:
+            net, tok, tm, info = load_adapted(adir, model=model, method=method, dtype=dtype, device=device)
+            masks, names = info.pop("masks"), info.pop("linear_names")
+            report = {"method": tm.name, "trained_with": info.pop("trained_with"), "method_config": tm.options(),
+                      "adapters": info.pop("adapters"), "model": info, "streamed": False}
+            exported = _export(tm, net, stage, tok, masks, names)
+            before = info.pop("sparsity_before")
+            if tm.zero_pattern:
+                report["sparsity"] = {"before": before, "after_merge": exported.pop("sparsity_after_merge"),
+                                      "of": "decoder-layer linear weights"}
+            report.update(exported)
         report["manifest"] = {"tool": "prunetune", "command": "merge", "versions": versions(), "machine": machine(),
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)),
                               "wall_time_s": round(time.perf_counter() - t0, 3),
                               "peak_rss_mb": round(peak_rss_mb(), 1)}
         (stage / MERGE_REPORT).write_text(json.dumps(report, indent=2, default=str) + "\n")
         write_manifest(stage, {"tool": "prunetune", "command": "merge", "method": tm.name,
-                               "source_model": info["path"]})
+                               "source_model": src.location()})
         publish_dir(stage, out_path, overwrite)
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
@@ -527,6 +537,60 @@ def merge(adapters, *, out, method: str | None = None, model=None, dtype: str | 
         raise
     report["out"] = str(out_path)
     return report
+
+
+def _merge_streamed(adir: Path, rec: dict, cls, src, stage: Path, dtype) -> tuple:
+    """``merge`` tensor by tensor from the base checkpoint's files (``tuning/streamed.py``)."""
+    from ..io import parse_dtype
+    from .streamed import BaseTensors, fingerprint, write_streamed
+
+    base_rec = rec["base_model"]
+    verify_manifest(src.path)
+    base = BaseTensors(src.path, parse_dtype(dtype or base_rec.get("dtype") or "float32"))
+    fp = fingerprint(base)
+    if base_rec.get("fingerprint") and fp != base_rec["fingerprint"]:
+        raise PrunetuneError(f"model '{src.spec}' is not the base model these adapters were trained on "
+                             f"(fingerprint {fp} != {base_rec['fingerprint']})")
+    tm = cls(**rec["method_config"])
+    exported = write_streamed(tm, adir, base, stage, Path(src.path))
+    report = {"method": tm.name, "trained_with": rec["method"], "method_config": tm.options(),
+              "adapters": str(adir.resolve()), "streamed": True,
+              "model": {**src.describe(), "path": src.location(), "fingerprint": fp}}
+    report.update(exported)
+    if tm.zero_pattern:
+        check, before, after = _zero_pattern_streamed(stage, base)
+        report["sparsity"] = {"before": before, "after_merge": after, "of": "decoder-layer linear weights"}
+        report["zero_pattern_check"] = check
+        if tm.zero_pattern == "identical" and not check["identical"]:
+            bad = (check["mismatched"] or check["missing"])[0]
+            raise PrunetuneError(f"{tm.name} merge check failed: the zero pattern of '{bad}' differs from the input "
+                                 "model's")
+    return tm, report
+
+
+def _zero_pattern_streamed(stage: Path, base) -> tuple[dict, float, float]:
+    """The zero-pattern check of every decoder-layer linear, tensor by tensor; ``(check, sparsity before,
+    sparsity after)`` over those weights."""
+    from safetensors import safe_open
+
+    from ..models import get_adapter
+
+    names = {p + ".weight" for p in get_adapter(base.model).linear_paths()}
+    mismatched, seen, zb, za, total = [], set(), 0, 0, 0
+    for f in sorted(stage.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                if k not in names:
+                    continue
+                t, b = sf.get_tensor(k), base(k)
+                seen.add(k)
+                if t.shape != b.shape or not torch.equal(t == 0, b == 0):
+                    mismatched.append(k)
+                zb, za, total = zb + int((b == 0).sum()), za + int((t == 0).sum()), total + b.numel()
+    missing = sorted(names - seen)
+    check = {"identical": not mismatched and not missing, "tensors_checked": len(seen), "zeros": za,
+             "mismatched": mismatched[:20], "missing": missing[:20]}
+    return check, zb / max(1, total), za / max(1, total)
 
 
 def summary(report: dict) -> str:

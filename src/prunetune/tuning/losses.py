@@ -29,8 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: positions per chunk: 256 × a 49k vocabulary is ~50 MB of float32 logits at a time (and one more copy)
-CHUNK_POSITIONS = 256
+#: float32 logits per chunk (64 MB, and one more copy): 341 positions of a 49k vocabulary, 64 of a 262k one
+CHUNK_LOGITS = 1 << 24
+
+
+def chunk_positions(vocab: int) -> int:
+    return max(16, CHUNK_LOGITS // max(1, int(vocab)))
 
 
 @dataclass
@@ -151,7 +155,7 @@ class _FusedLMLoss(torch.autograd.Function):
 
 def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Head, *, teacher_hidden: torch.Tensor | None = None,
             teacher_head: Head | None = None, alpha: float = 0.0, temperature: float = 1.0,
-            chunk: int = CHUNK_POSITIONS):
+            chunk: int | None = None):
     """``(L, CE, KD)`` summed over the positions that predict a label (next-token shift included).
 
     ``hidden`` (batch, seq, d) final hidden states of the student (``labels`` aligned with the inputs, ``-100``
@@ -165,5 +169,6 @@ def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Head, *, teacher_h
     keep = tgt != -100
     h = hidden[:, :-1][keep]
     th = teacher_hidden[:, :-1][keep] if teacher_hidden is not None else None
+    chunk = chunk or chunk_positions(head.weight.shape[0])
     return _FusedLMLoss.apply(h, tgt[keep], th, head, teacher_head, float(alpha), float(temperature),
                               max(1, int(chunk)))

@@ -322,6 +322,58 @@ class PATMethod(TuningMethod):
         save_shrunk(shrunk, tokenizer, out_dir)
         return shrunk
 
+    def stream_tensors(self, directory, base):
+        """The smaller checkpoint tensor by tensor (``tuning/streamed.py``), the same arithmetic as ``export``:
+        the base weight (folded and rotated when trained rotated), plus the LoRA update ``s · B A``, then the slice
+        plan with each writer's ``D[keep, :]``."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        from ....structured.slicing import SlicePlan, shrunk_config
+
+        d = Path(directory)
+        for f in (ADAPTER_FILE, CONFIG_FILE):
+            if not (d / f).is_file():
+                raise PrunetuneError(f"no PAT adapters in {d} (missing {f})")
+        meta = json.loads((d / CONFIG_FILE).read_text())
+        adapter = check_sliceable(base.model, "PAT")
+        ad = safe_open(str(d / ADAPTER_FILE), framework="pt")
+        names = set(ad.keys())
+        final = ad.get_tensor(f"{PAT_ATTR}.mask.final") if f"{PAT_ATTR}.mask.final" in names else None
+        if final is not None and final.numel() == meta["hidden_size"]:
+            keep = torch.nonzero(final > 0).flatten()
+        else:
+            from .mask import topk_keep
+
+            keep = topk_keep(ad.get_tensor(f"{PAT_ATTR}.mask.W_M"), meta["n_keep"])
+        hsm_of = {path: i for i, path in enumerate(meta["hsm_paths"])}
+
+        def writer_rows(path):
+            i = hsm_of[path]
+            L0, L1, v = (ad.get_tensor(f"{PAT_ATTR}.hsms.{i}.{n}").double() for n in ("L0", "L1", "v"))
+            rows = (L1[keep] * v) @ L0
+            rows[torch.arange(keep.numel()), keep] += 1
+            return rows
+
+        plan = SlicePlan(adapter, keep, writer_rows)
+        rotated = _RotatedBase(base, adapter, load_file(str(d / ROTATION_FILE))["Q"]) if self.config.rotate else None
+        scaling = self.config.lora_alpha / self.config.lora_r if self.config.lora_r else 0.0
+
+        def weight(key):
+            t = rotated(key) if rotated is not None else base(key)
+            mod = key[: -len(".weight")] if key.endswith(".weight") else None
+            a_key = f"{mod}.lora_A.default.weight"
+            if mod is not None and a_key in names:  # W + s · B A, as peft's get_delta_weight
+                t = t + ((ad.get_tensor(f"{mod}.lora_B.default.weight") @ ad.get_tensor(a_key)) * scaling).to(t.dtype)
+            return t
+
+        def tensors():
+            for key in base.keys():
+                yield key, plan.tensor(key, weight(key))
+
+        info = {"pat": {**plan.info(), "ratio_removed": 1 - plan.k / plan.d, "rotated": bool(self.config.rotate)}}
+        return shrunk_config(base.config, plan.k), tensors(), info
+
     def result_warnings(self, report):
         hist = report.get("history") or []
         live = hist[-1].get("live") if hist else None
@@ -337,3 +389,37 @@ class PATMethod(TuningMethod):
                         "ratio_removed": info.get("ratio"), "kept_channels": info.get("kept_channels"),
                         "rotated": bool(self.config.rotate),
                         "parameters": sum(p.numel() for p in merged.parameters())}}
+
+
+class _RotatedBase:
+    """The base weights as ``structured.rotation`` leaves them (gains folded, stream rotated by ``Q``), tensor by
+    tensor with the same casts: fold (float64, back to the dtype), then rotate (float64, back to the dtype)."""
+
+    def __init__(self, base, adapter, Q):
+        self.base, self.a, self.Q = base, adapter, Q.double()
+        lp = adapter.layers_path
+        self.reader_norm = {}
+        for i in range(adapter.num_layers):
+            for norm, readers in adapter.norm_readers.items():
+                for r in readers:
+                    self.reader_norm[f"{lp}.{i}.{r}.weight"] = f"{lp}.{i}.{norm}.weight"
+        self.reader_norm[adapter.lm_head_path + ".weight"] = adapter.final_norm_path + ".weight"
+        self.writers = {f"{lp}.{i}.{w}" for i in range(adapter.num_layers) for w in adapter.residual_writers}
+        self.norms = set(self.reader_norm.values())
+
+    def __call__(self, key):
+        t = self.base(key)
+        dt = t.dtype
+        mod, _, pname = key.rpartition(".")
+        if key in self.norms:
+            return torch.ones_like(t)
+        if key in self.reader_norm:
+            g = self.base(self.reader_norm[key]).double()
+            t = (t.double() * g).to(dt)
+            return (t.double() @ self.Q).to(dt)
+        if key == self.a.embed_path + ".weight":
+            return (t.double() @ self.Q).to(dt)
+        if mod in self.writers:
+            x = t.double()
+            return (self.Q.t() @ x if x.dim() == 2 else x @ self.Q).to(dt)
+        return t

@@ -16,8 +16,25 @@ from pathlib import Path
 
 from ....errors import PrunetuneError
 from ...base import TuningMethod, register, write_plain
-from .layer import FORWARD_MODES
+from .layer import FORWARD_MODES, block_sizes
 from .model import apply_spp, load_spp_state_dict, merge_spp, spp_state_dict, weight_sparsity
+
+
+def merged_in_chunks(W, w_alpha, w_beta, scaling: float, chunk_elems: int = 1 << 24):
+    """``W ⊙ (1 + s · A ⊙ w_beta)`` with ``A`` the block rows of ``w_alpha``, a chunk of rows at a time."""
+    import torch
+
+    sizes = block_sizes(W.shape[0], w_alpha.shape[0])
+    block = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    out = torch.empty_like(W)
+    step = max(1, chunk_elems // max(1, W.shape[1]))
+    for r0 in range(0, W.shape[0], step):
+        sl = slice(r0, r0 + step)
+        factor = 1.0 + scaling * (w_alpha[block[sl]].double() * w_beta[sl].double())
+        if not torch.isfinite(factor).all():
+            raise PrunetuneError("SPP merge: adapter weights are not finite (training diverged)")
+        out[sl] = (W[sl].double() * factor).to(W.dtype)
+    return out
 
 log = logging.getLogger("prunetune")
 
@@ -113,3 +130,26 @@ class SPPMethod(TuningMethod):
 
     def export(self, model, out_dir, tokenizer=None):
         return write_plain(merge_spp(model), out_dir, tokenizer)
+
+    def stream_tensors(self, directory, base):
+        """The merged checkpoint tensor by tensor (``tuning/streamed.py``): ``W ⊙ (1 + s · A ⊙ w_beta)`` for every
+        adapted linear, in row chunks, the same float64 arithmetic as ``SPPLinear.merged_weight``."""
+        from safetensors import safe_open
+
+        f = Path(directory) / ADAPTER_FILE
+        if not f.is_file():
+            raise PrunetuneError(f"no SPP adapters in {directory} (missing {ADAPTER_FILE})")
+        scaling = self.config.scaling
+
+        def tensors():
+            with safe_open(str(f), framework="pt") as ad:
+                names = set(ad.keys())
+                for key in base.keys():
+                    t = base(key)
+                    mod = key[: -len(".weight")] if key.endswith(".weight") else None
+                    if mod is not None and f"{mod}.w_alpha" in names:
+                        t = merged_in_chunks(t, ad.get_tensor(f"{mod}.w_alpha"), ad.get_tensor(f"{mod}.w_beta"),
+                                             scaling)
+                    yield key, t
+
+        return base.config, tensors(), {}
