@@ -66,7 +66,11 @@ def test_prune_stories(tmp_path, stories_dir, method, sparsity):
     assert man["calibration"]["nsamples"] == 8 and man["calibration"]["seed"] == 0
     assert len(on_disk["layers"]) == 35 and all(l["rel_error"] >= 0 for l in on_disk["layers"])
     assert (out / "prunetune_manifest.json").is_file() and not partial_dir_for(out).exists()
-    assert abs(rep["total"]["sparsity_of_pruned_matrices"] - 0.5) < 1e-9
+    total = rep["total"]["sparsity_of_pruned_matrices"]
+    if sparsity == "0.5" and method in ("sparsegpt", "apt"):  # the block thresholds' few extra zeros
+        assert 0.5 <= total < 0.5 + 1e-3
+    else:
+        assert abs(total - 0.5) < 1e-9
 
 
 def test_apt_beats_sparsegpt_on_first_layer(tmp_path, stories_dir):
@@ -199,8 +203,14 @@ def test_an_expert_without_tokens_is_pruned_as_by_magnitude():
     assert torch.allclose(idle.H, idle.H[0, 0] * torch.eye(16, dtype=idle.H.dtype))
     W = torch.randn(8, 16, generator=g)
     spec = parse_sparsity("0.5")
-    pruned = get_method("sparsegpt").fn(W, idle.for_method(), spec)
-    assert torch.equal(pruned != 0, get_method("magnitude").fn(W, None, spec, scope="row") != 0)
+    magnitude, sparsegpt = get_method("magnitude").fn, get_method("sparsegpt").fn
+    by_row = sparsegpt(W, idle.for_method(), spec, mask_scope="row")
+    assert torch.equal(by_row != 0, magnitude(W, None, spec, scope="row") != 0)
+    # the reference's block threshold (one 128-column block covers all 16 columns) prunes every score up to and
+    # including the one at position k: magnitude's k smallest plus the next one
+    by_block = sparsegpt(W, idle.for_method(), spec, mask_scope="block") == 0
+    by_magnitude = magnitude(W, None, spec, scope="matrix") == 0
+    assert torch.equal(by_block & by_magnitude, by_magnitude) and by_block.sum() == by_magnitude.sum() + 1
 
 
 def test_activations_on_disk_give_the_same_model_and_bad_budgets_are_refused(tmp_path, stories_dir, monkeypatch):

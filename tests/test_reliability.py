@@ -253,7 +253,10 @@ def disk_full_safetensors(mp, b, tmp):
     import safetensors.torch
     import transformers.modeling_utils as mu
 
+    from prunetune import checkpoint
+
     mp.setattr(safetensors.torch, "save_file", enospc)
+    mp.setattr(checkpoint, "save_file", enospc)  # the streamed merge's shard writer
     mp.setattr(mu, "safe_save_file", enospc, raising=False)
 
 

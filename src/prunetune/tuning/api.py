@@ -495,6 +495,8 @@ def merge(adapters, *, out, method: str | None = None, model=None, dtype: str | 
     ``stream``: merge tensor by tensor without loading the model (``tuning/streamed.py``); default: when the
     base is a local safetensors checkpoint and the method can (SPP, PAT)."""
     adir = find_adapters(adapters)
+    if adir.name == ADAPTER_DIR:
+        verify_manifest(adir.parent)  # a tune output: adapters must match their recorded hashes
     rec = _read_record(adir)
     spec = model if model is not None else rec["base_model"].get("path") or rec["base_model"].get("spec")
     src = resolve_model(spec)
@@ -532,8 +534,8 @@ def merge(adapters, *, out, method: str | None = None, model=None, dtype: str | 
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
         err = _as_write_error(e, out_path)
-        if err is not None:
-            raise err from None
+        if err is not None:  # name the output the user asked for, not the removed staging folder
+            raise OutputWriteError(f"cannot write '{out_path}': {str(err).rpartition(chr(39) + ': ')[2]}") from None
         raise
     report["out"] = str(out_path)
     return report
