@@ -6,7 +6,7 @@
 1. ``vocab``: perplexity (``prunetune eval``, WikiText-2, batch 8 x 512, the first 8 windows) of a random-weight
    model of Gemma-3-270M's shape (hidden 640, 18 layers, 4 heads / 1 KV head of 256, MLP 2048) with its
    262,144-token vocabulary, and of the same model with a 49,152-token one (SmolLM2's, whose tokenizer both
-   use). Each runs in its own process; its peak RSS is the child's ``ru_maxrss``.
+   use). Each runs in its own process; its peak RSS is the child's ``VmHWM``.
 2. ``tune``: ``prunetune tune`` of SmolLM2-135M (LoRA r=8 and PAT at 25%), batch 8 x 128 Alpaca, ``--steps``
    steps, with and without ``--gradient-checkpointing``, each in its own process: peak RSS and median step time
    (first step excluded) from the run's report.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,11 +28,14 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec from the parent's mapped pages (the parent
+# that built a 268M-parameter model reported its own 2 GB for both children); VmHWM is the exec'd process's own.
 CHILD = """
-import resource, sys, json
+import sys
 from prunetune.cli import main
 rc = main(sys.argv[1:])
-print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print("PEAK_KB", int(hwm.split()[1]))
 sys.exit(rc)
 """
 
@@ -82,7 +84,7 @@ def main():
     res = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
     res["protocol"] = {"threads": a.threads, "versions": versions(), "machine": machine(),
                        "command": " ".join(["python", "benchmarks/memory_smollm2.py", *sys.argv[1:]]),
-                       "peak": "ru_maxrss of a child process that runs the prunetune CLI"}
+                       "peak": "VmHWM of a child process that runs the prunetune CLI (its own high-water RSS)"}
     with tempfile.TemporaryDirectory() as td:
         work = Path(a.work or td)
         if "vocab" in a.parts:

@@ -63,7 +63,8 @@ def test_registry():
 @pytest.mark.parametrize("name,opts,needle", [
     ("wanda", {"foo": 1}, "'foo'"), ("sparsegpt", {"select": "obs"}, "'select'"), ("apt", {"bar": 2}, "'bar'"),
     ("magnitude", {"scope": "column"}, "column"), ("apt", {"select": "random"}, "random"),
-    ("apt", {"rounds": 0}, "rounds"),
+    ("apt", {"rounds": 0}, "rounds"), ("apt", {"select": "admm", "admm_scope": "column"}, "admm_scope"),
+    ("apt", {"select": "admm", "admm_iter": 0}, "admm_iter"),
 ])
 def test_bad_options_are_user_errors(name, opts, needle):
     W, _, H = problem(0, 8, 16, dtype=torch.float32)
@@ -237,7 +238,7 @@ def lstsq_rows(W, X, keep):
 
 
 @pytest.mark.parametrize("sp", SPECS)
-@pytest.mark.parametrize("select", ["obs", "best", "sparsegpt"])
+@pytest.mark.parametrize("select", ["obs", "best", "sparsegpt", "admm"])
 def test_apt_kept_weights_are_lstsq_optimum(sp, select):
     W, X, H = problem(8, 12, 32, N=128)
     out = fn("apt")(W, H, parse_sparsity(sp), damp=0.0, select=select, blocksize=16)
@@ -329,6 +330,53 @@ def test_apt_default_beats_sparsegpt(sp, seed):
         assert e_apt <= e_sg * (1 + 1e-12), (e_apt, e_sg)
         assert e_apt < e_sg
     assert relative_layer_error(W, out_apt, H) < relative_layer_error(W, out_sg, H)
+
+
+@pytest.mark.parametrize("sp", SPECS)
+@pytest.mark.parametrize("seed", [13, 14])
+def test_apt_admm_mask_beats_the_default_and_keeps_the_asked_share(sp, seed):
+    """select="admm": exactly the asked share of the matrix (admm_scope="matrix") or of every row ("row"), valid
+    N:M; its layer error is below APT's default (SparseGPT's mask re-solved) on correlated inputs."""
+    W, _, H = problem(seed, 32, 64, dtype=torch.float32)
+    spec = parse_sparsity(sp)
+    Hd = prepare_hessian(H, W, 0.01).H
+    e_default = layer_error(W, fn("apt")(W, H, spec, blocksize=16), Hd)
+    for scope in ("matrix", "row"):
+        out = fn("apt")(W, H, spec, blocksize=16, select="admm", admm_scope=scope)
+        zeros = out == 0
+        if spec.is_nm:
+            assert is_nm_valid(out, spec.n, spec.m) and int(zeros.sum()) == W.numel() // 2
+        elif scope == "matrix":
+            assert int(zeros.sum()) == num_pruned(W.numel(), spec.sparsity)
+        else:
+            assert (zeros.sum(1) == num_pruned(W.shape[1], spec.sparsity)).all()
+        assert layer_error(W, out, Hd) < 0.95 * e_default, scope
+
+
+@pytest.mark.parametrize("sp", SPECS)
+def test_apt_default_float32_refit_is_within_its_documented_gap_of_the_exact_optimum(sp):
+    """The shipped path (float32, CG from SparseGPT's weights, stopped at an estimated 0.1% gain) ends within
+    0.5% of the float64 direct optimum for its own mask (measured 0.07-0.12% on these layers; the docs quote
+    0.2% mean / 0.9% worst on real SmolLM2 layers)."""
+    W, _, H = problem(3, 64, 256, dtype=torch.float32)
+    out = fn("apt")(W, H, parse_sparsity(sp))
+    prep = prepare_hessian(H.double(), W.double(), 0.01)
+    exact = exact_solve(prep.W, prep.H, out == 0, solver="direct")
+    e_out, e_exact = layer_error(W.double(), out.double(), prep.H), layer_error(W.double(), exact, prep.H)
+    assert e_exact <= e_out * (1 + 1e-9) and e_out <= 1.005 * e_exact, (e_out / e_exact)
+
+
+def test_apt_admm_that_loses_to_sparsegpt_falls_back_to_the_default(monkeypatch):
+    """A layer whose ADMM support ends worse than SparseGPT gets APT's default result: never above SparseGPT."""
+    from prunetune.pruning.methods import apt as apt_module
+
+    W, _, H = problem(13, 32, 64, dtype=torch.float32)
+    spec = parse_sparsity("0.5")
+    default = fn("apt")(W, H, spec, blocksize=16)
+    # a support that removes the largest weights of every row instead of the smallest
+    worst = lambda W0, prep, spec, scope, it: W0.abs() >= W0.abs().median(dim=1, keepdim=True).values  # noqa: E731
+    monkeypatch.setattr(apt_module, "_admm_mask", worst)
+    torch.testing.assert_close(fn("apt")(W, H, spec, blocksize=16, select="admm"), default, rtol=0, atol=0)
 
 
 def test_apt_rounds():

@@ -16,6 +16,9 @@ from prunetune.tuning.methods.pat.mask import beta, milestone, tau
 
 from conftest import float_tol, tiny_model
 
+#: PAT as published (no rotation, W_M = 0): these tests drive the method without tune()'s calibration setup
+PUBLISHED = dict(rotate=False, mask_init="zero")
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -131,7 +134,7 @@ def test_step_zero_model_is_unchanged_and_losses_are_finite(which):
     ids = torch.randint(0, vocab, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = base(input_ids=ids).logits
-    method = PATMethod(ratio=0.25, lora_r=4)
+    method = PATMethod(**PUBLISHED, ratio=0.25, lora_r=4)
     model = method.prepare(make())
     pat = find_pat(model)
     n_layers = base.config.num_hidden_layers
@@ -156,7 +159,7 @@ def test_step_zero_model_is_unchanged_and_losses_are_finite(which):
 
 
 def test_identity_loss_sums_over_every_hsm():
-    method = PATMethod(ratio=0.25, lora_r=0)
+    method = PATMethod(**PUBLISHED, ratio=0.25, lora_r=0)
     model = method.prepare(_llama())
     pat = find_pat(model)
     total = pat.identity_loss()
@@ -181,7 +184,7 @@ def test_identity_loss_sums_over_every_hsm():
 
 
 def test_hsm_applies_after_lora_on_the_writers():
-    method = PATMethod(ratio=0.5, lora_r=4, lora_dropout=0.0)
+    method = PATMethod(**PUBLISHED, ratio=0.5, lora_r=4, lora_dropout=0.0)
     model = method.prepare(_llama())
     pat = find_pat(model)
     o_proj = model.model.layers[0].self_attn.o_proj
@@ -207,24 +210,24 @@ def test_hsm_applies_after_lora_on_the_writers():
 
 def test_layernorm_model_is_refused():
     with pytest.raises(PrunetuneError, match="PAT needs RMSNorm"):
-        PATMethod(ratio=0.25).prepare(tiny_model("opt"))
+        PATMethod(**PUBLISHED, ratio=0.25).prepare(tiny_model("opt"))
 
 
 @pytest.mark.parametrize("ratio", [0, 1, 1.5, -0.2, float("nan")])
 def test_bad_ratios_are_refused(ratio):
     with pytest.raises(PrunetuneError, match="ratio"):
-        PATMethod(ratio=ratio)
+        PATMethod(**PUBLISHED, ratio=ratio)
 
 
 def test_ratios_the_model_cannot_take_are_refused():
     # stories260K: d = 64, 8 heads. ratio 0.9 keeps round(6.4) = 6 < 8 channels
     with pytest.raises(PrunetuneError, match="num_attention_heads"):
-        PATMethod(ratio=0.9).prepare(_stories())
-    PATMethod(ratio=0.875, lora_r=0).prepare(_stories())  # keeps exactly 8: allowed
+        PATMethod(**PUBLISHED, ratio=0.9).prepare(_stories())
+    PATMethod(**PUBLISHED, ratio=0.875, lora_r=0).prepare(_stories())  # keeps exactly 8: allowed
     with pytest.raises(PrunetuneError, match="removes no channel"):
-        PATMethod(ratio=0.005).prepare(_llama())  # round(0.995 * 32) = 32
+        PATMethod(**PUBLISHED, ratio=0.005).prepare(_llama())  # round(0.995 * 32) = 32
     with pytest.raises(PrunetuneError, match="already prepared"):
-        m = PATMethod(ratio=0.25, lora_r=0)
+        m = PATMethod(**PUBLISHED, ratio=0.25, lora_r=0)
         m.prepare(m.prepare(_llama()))
 
 
@@ -258,7 +261,7 @@ def _check_shrink(method, model, base_params, tmp_path, vocab, generate=False):
 def test_train_then_shrink_tiny_llama_is_exact(tmp_path, variant):
     over = {} if variant == "gqa_tied" else dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=False)
     base_params = sum(p.numel() for p in _llama(**over).parameters())
-    method = PATMethod(ratio=0.25, lora_r=4, hio_rank=3, milestone_frac=0.3)
+    method = PATMethod(**PUBLISHED, ratio=0.25, lora_r=4, hio_rank=3, milestone_frac=0.3)
     model = method.prepare(_llama(**over))
     hist = _train(method, model, 7, 128)
     assert hist[0]["tau"] == 0.0 and hist[-1]["tau"] > 1e3
@@ -272,7 +275,7 @@ def test_train_then_shrink_tiny_llama_is_exact(tmp_path, variant):
 
 def test_train_then_shrink_stories260k_is_exact(tmp_path):
     base_params = sum(p.numel() for p in _stories().parameters())
-    method = PATMethod(ratio=0.25, lora_r=4)
+    method = PATMethod(**PUBLISHED, ratio=0.25, lora_r=4)
     model = method.prepare(_stories())
     _train(method, model, 5, 512)
     plain = _check_shrink(method, model, base_params, tmp_path, 512)
@@ -280,25 +283,25 @@ def test_train_then_shrink_stories260k_is_exact(tmp_path):
 
 
 def test_adapters_round_trip(tmp_path):
-    method = PATMethod(ratio=0.25, lora_r=4, hio_rank=2)
+    method = PATMethod(**PUBLISHED, ratio=0.25, lora_r=4, hio_rank=2)
     model = method.prepare(_llama())
     _train(method, model, 3, 128)
     method.save_adapters(model, tmp_path / "ad")
-    fresh = PATMethod(ratio=0.25, lora_r=4, hio_rank=2)
+    fresh = PATMethod(**PUBLISHED, ratio=0.25, lora_r=4, hio_rank=2)
     other = fresh.prepare(_llama())
     fresh.load_adapters(other, tmp_path / "ad")
     assert find_pat(other).mask.finalized
     ids = torch.randint(0, 128, (1, 9))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, other(input_ids=ids).logits)
-    wrong = PATMethod(ratio=0.5, lora_r=4, hio_rank=2)
+    wrong = PATMethod(**PUBLISHED, ratio=0.5, lora_r=4, hio_rank=2)
     with pytest.raises(PrunetuneError, match="do not match"):
         wrong.load_adapters(wrong.prepare(_llama()), tmp_path / "ad")
 
 
 def test_frozen_mask_ablation_runs_and_shrinks(tmp_path):
     base_params = sum(p.numel() for p in _llama().parameters())
-    method = PATMethod(ratio=0.25, lora_r=4, frozen_mask=True, identity_loss=False)
+    method = PATMethod(**PUBLISHED, ratio=0.25, lora_r=4, frozen_mask=True, identity_loss=False)
     model = method.prepare(_llama())
     pat = find_pat(model)
     assert not any(p is pat.mask.W_M for p in method.trainable_parameters(model))
@@ -316,7 +319,7 @@ def test_warm_start_makes_exactly_the_top_channels_live_and_leaves_the_model_unc
     with torch.no_grad():
         before = model(input_ids=ids).logits
     scores = torch.rand(32) + 0.01
-    m = PATMethod(PATConfig(ratio=0.25, mask_init="activation"))
+    m = PATMethod(PATConfig(ratio=0.25, rotate=False, mask_init="activation"))
     m.init_scores = scores
     model = m.prepare(model)
     pat = find_pat(model)
@@ -339,7 +342,7 @@ def test_kept_count_moves_to_a_hidden_size_transformers_can_load(tmp_path):
 
     for family, want in (("llama", 28), ("qwen2", 26)):
         model = tm(family)
-        m = PATMethod(PATConfig(ratio=0.2, lora_r=0))
+        m = PATMethod(PATConfig(**PUBLISHED, ratio=0.2, lora_r=0))
         model = m.prepare(model)
         assert find_pat(model).mask.n_keep == want
         shrunk = shrink_model(model)

@@ -207,7 +207,7 @@ _DDP_SCRIPT = textwrap.dedent("""
     cfg = TrainConfig(lr=1e-2, max_steps=4, batch_size=batch, grad_accum=2, seed=3, eval_every=2,
                       progress=False, device="cpu")
     method = (SPPMethod(SPPConfig(dropout=0.0, on_dense="ignore")) if sys.argv[3] == "spp"
-              else PATMethod(PATConfig(ratio=0.25, lora_r=4, lora_dropout=0.0)))
+              else PATMethod(PATConfig(ratio=0.25, lora_r=4, lora_dropout=0.0, rotate=False, mask_init="zero")))
     r = train(model, tok, method, data, cfg, sys.argv[1])
     if r["world_size"] == 1 or torch.distributed.get_rank() == 0:
         keep = r["model"].prunetune_pat.mask.keep_indices().tolist() if sys.argv[3] == "pat" else None

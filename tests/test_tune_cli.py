@@ -179,6 +179,9 @@ def test_pat_writes_a_smaller_plain_checkpoint(pat_run, runs):
     rep = json.loads((pat_run / "tune_report.json").read_text())
     assert rep["pat"]["hidden_size_before"] == 64 and rep["pat"]["hidden_size"] == 48
     assert len(rep["pat"]["kept_channels"]) == 48 and rep["steps"] == 5
+    # the defaults: trained on the rotated model, mask warm-started on the first training examples
+    assert rep["method_config"]["rotate"] is True and rep["method_config"]["mask_init"] == "activation"
+    assert rep["pat"]["rotated"] and rep["setup"]["rotation"]["tokens"] > 0
     # merge --method pat of the adapters gives the same shrunk weights
     res = merge(pat_run, out=runs / "pat-merged", method="pat", device="cpu")
     assert res["pat"]["kept_channels"] == rep["pat"]["kept_channels"]
@@ -274,7 +277,8 @@ def test_bad_inputs_are_one_clear_line(tmp_path, alpaca):
         (["--method", "pat", "--ratio", "0"], ("ratio", "between 0 and 1")),
         (["--method", "pat", "--ratio", "0.9"], ("keeps 6 of 64", "num_attention_heads")),
         (["--method", "pat", "--model", opt], ("rmsnorm",)),
-        (["--method", "pat", "--mask-init-data", "tinystories"], ("--calib is not used by pat",)),
+        (["--method", "pat", "--no-rotate", "--mask-init", "zero", "--mask-init-data", "tinystories"],
+         ("--calib is not used by pat",)),
         (["--method", "spp", "--resume"], ("nothing to resume",)),
     ]
     for extra, needles in cases:
@@ -292,7 +296,7 @@ def test_pat_warm_started_mask_tunes_merges_and_starts_from_the_top_channels(run
     from prunetune.api import merge
 
     out = runs / "pat-warm"
-    p = run_cli("tune", *PAT_ARGS, "--mask-init", "activation", "--out", out, env=ENV)
+    p = run_cli("tune", *PAT_ARGS, "--no-rotate", "--mask-init", "activation", "--out", out, env=ENV)
     assert p.returncode == 0, p.stderr[-3000:]
     rep = json.loads((out / "tune_report.json").read_text())
     assert rep["method_config"]["mask_init"] == "activation"
@@ -315,7 +319,7 @@ def test_pat_warm_start_on_a_corpus_starts_from_the_channel_pruning_baseline(run
 
     rep = tune(DEFAULT_MODEL, method="pat", data="alpaca", out=runs / "pat-corpus-init", ratio=0.25, max_steps=3,
                lr=1e-12, seq_len=192, batch_size=4, max_records=48, eval_size=8, checkpoint_every=0,
-               mask_init="activation", calib="tinystories", calib_samples=4, calib_seqlen=64,
+               mask_init="activation", rotate=False, calib="tinystories", calib_samples=4, calib_seqlen=64,
                device="cpu", progress=False)
     assert rep["setup"]["mask_init"]["calibration"]["nsamples"] == 4 and rep["setup"]["mask_init"]["tokens"] == 256
     model, tok, _ = load_model(str(DEFAULT_MODEL), dtype="float32", device="cpu")

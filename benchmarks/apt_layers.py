@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Mask choice on real SmolLM2-135M layers: SparseGPT, APT (SparseGPT's mask re-solved) and APT with the ADMM
+mask, layer error on the calibration domain and on another one, and method time, same layers, same process.
+
+    python benchmarks/apt_layers.py --settings 0.7 2:4 0.5 --out benchmarks/results/apt_layers_smollm2.json
+    python benchmarks/apt_layers.py --settings 0.7 2:4 0.5 --variants sparsegpt apt apt-direct \
+        --out benchmarks/results/apt_refit_smollm2.json     # how far the default's CG refit is from exact
+
+Protocol: the inputs of q_proj, o_proj, gate_proj and down_proj of layers 0, 8, 16, 24 and 29 of the dense model
+(not the sequentially pruned one: every method sees the same H), captured on ``--nsamples`` x ``--seqlen`` tokens
+of C4 (the calibration domain: every method's H) and, separately, of WikiText-2 (another domain: only scored).
+H = 2 X Xᵀ / N in float64, cast to float32; each method runs in float32 as shipped (dampening 0.01, block
+128). Reported per setting: the mean over the 20 linears of each method's layer error relative to SparseGPT's,
+under the C4 H (what the methods minimise) and the WikiText-2 H (does the gain carry over?), and the summed
+method time relative to SparseGPT's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+import torch  # noqa: E402
+
+from prunetune.io import load_model  # noqa: E402
+from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
+from prunetune.pruning.hessian import layer_error  # noqa: E402
+from prunetune.pruning.masks import parse_sparsity  # noqa: E402
+from prunetune.pruning.methods import get_method  # noqa: E402
+
+LAYERS = [0, 8, 16, 24, 29]
+LINEARS = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+VARIANTS = {"sparsegpt": ("sparsegpt", {}), "apt": ("apt", {}), "apt-admm": ("apt", {"select": "admm"}),
+            "apt-admm-row": ("apt", {"select": "admm", "admm_scope": "row"}),
+            "apt-direct": ("apt", {"solver": "direct"})}  # SparseGPT's mask, exact refit: the default's optimum
+
+
+def capture(model_dir: str, nsamples: int, seqlen: int, cache: Path) -> dict:
+    """{(corpus, layer, linear): H (float32)} and {("W", layer, linear): weight}, cached in ``cache``."""
+    if cache.is_file():
+        return torch.load(cache)
+    from prunetune.data.calibration import sample_calibration
+
+    m, tok, _ = load_model(model_dir, dtype="float32", device="cpu")
+    out = {}
+    for corpus in ("c4", "wikitext2"):
+        ids, _ = sample_calibration(tok, corpus, nsamples, seqlen, seed=0)
+        acc, hooks = {}, []
+        for li in LAYERS:
+            for n in LINEARS:
+                def hook(mod, a, key=(li, n)):
+                    x = a[0].detach().reshape(-1, a[0].shape[-1]).double()
+                    acc[key] = acc.get(key, 0) + x.t() @ x
+                hooks.append(m.model.layers[li].get_submodule(n).register_forward_pre_hook(hook))
+        with torch.no_grad():
+            for b in ids.split(8):
+                m.model(input_ids=b)
+        for h in hooks:
+            h.remove()
+        for k, v in acc.items():
+            out[(corpus,) + k] = (2 * v / ids.numel()).float()
+    for li in LAYERS:
+        for n in LINEARS:
+            out[("W", li, n)] = m.model.layers[li].get_submodule(n).weight.detach().clone()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, cache)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    ap.add_argument("--settings", nargs="*", default=["0.7", "2:4", "0.5"])
+    ap.add_argument("--variants", nargs="*", default=["sparsegpt", "apt", "apt-admm", "apt-admm-row"],
+                    help=f"first = the reference of the ratios; from {', '.join(VARIANTS)}")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", default=str(ROOT / "runs" / "apt_layers" / "hessians.pt"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "apt_layers_smollm2.json"))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    D = capture(a.model, a.nsamples, a.seqlen, Path(a.cache))
+    out = Path(a.out)
+    res = json.loads(out.read_text()) if out.is_file() else {"settings": {}}
+    res["protocol"] = {"model": a.model, "layers": LAYERS, "linears": LINEARS,
+                       "hessian": f"dense-model inputs, {a.nsamples} x {a.seqlen} tokens, seed 0; C4 = calibration "
+                                  "(every method's H), WikiText-2 = another domain (scored only)",
+                       "dtype": "float32", "damp": 0.01, "blocksize": 128, "threads": a.threads,
+                       "variants": {k: {"method": m, **o} for k, (m, o) in VARIANTS.items() if k in a.variants},
+                       "versions": versions(), "machine": machine(),
+                       "command": " ".join(["python", "benchmarks/apt_layers.py", *sys.argv[1:]])}
+    for sp in a.settings:
+        spec = parse_sparsity(sp)
+        rows, sums = [], {v: [0.0, 0.0, 0.0] for v in a.variants}
+        for li in LAYERS:
+            for n in LINEARS:
+                W, Hc, Hw = D[("W", li, n)], D[("c4", li, n)], D[("wikitext2", li, n)]
+                row, ref = {"layer": li, "linear": n}, None
+                for v in a.variants:
+                    name, opts = VARIANTS[v]
+                    t = time.perf_counter()
+                    Wn = get_method(name).fn(W, Hc, spec, **opts)
+                    dt = time.perf_counter() - t
+                    e = (layer_error(W.double(), Wn.double(), Hc.double()),
+                         layer_error(W.double(), Wn.double(), Hw.double()))
+                    if ref is None:
+                        ref = e  # the first variant (SparseGPT) is the reference
+                    row[v] = {"err_c4": e[0], "err_wikitext2": e[1], "time_s": round(dt, 4),
+                              "c4_vs_first": e[0] / ref[0], "wikitext2_vs_first": e[1] / ref[1]}
+                    s = sums[v]
+                    s[0] += e[0] / ref[0]
+                    s[1] += e[1] / ref[1]
+                    s[2] += dt
+                rows.append(row)
+                print(sp, li, n, {v: (round(row[v]["c4_vs_first"], 3), round(row[v]["wikitext2_vs_first"], 3))
+                                  for v in a.variants}, flush=True)
+        k = len(rows)
+        first = a.variants[0]
+        res["settings"][sp] = {
+            "mean_error_vs_" + first: {v: {"c4": sums[v][0] / k, "wikitext2": sums[v][1] / k} for v in a.variants},
+            "time_vs_" + first: {v: sums[v][2] / sums[first][2] for v in a.variants},
+            "time_s": {v: round(sums[v][2], 2) for v in a.variants}, "layers": rows}
+        write_json_atomic(out, res)
+        print(sp, json.dumps({kk: vv for kk, vv in res["settings"][sp].items() if kk != "layers"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
