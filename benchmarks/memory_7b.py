@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Bounded-memory pruning: a 7B-shaped Llama checkpoint (random bf16 weights, ~13.5 GB) pruned with Wanda.
+"""Bounded-memory pruning: a 7B-shaped Llama checkpoint (random bf16 weights, ~13.5 GB) pruned layer by layer.
 
     python benchmarks/memory_7b.py --work /tmp/llama7b-shape
     python benchmarks/memory_7b.py --layers 4 --work /tmp/llama7b-4   # same per-layer peak, ~2 GB on disk
+    python benchmarks/memory_7b.py --layers 2 --method sparsegpt --calib c4 --nsamples 128 --seqlen 2048 \
+        --work /tmp/llama7b-2 --keep --out benchmarks/results/memory_7b_2layers_sparsegpt_128x2048.json
 
 Writes the checkpoint tensor by tensor (never the whole model in memory), then runs
-``prunetune prune --method wanda --sparsity 0.5`` in a child process and reads that process's peak
-resident memory (ru_maxrss of the child). Target: peak RSS <= 25% of the checkpoint size.
-Result: benchmarks/results/memory_7b.json.
+``prunetune prune --method M --sparsity 0.5`` in a child process. Peak resident memory: the prune report's own
+(VmHWM from the job's start) and the child's ``ru_maxrss`` (which Linux carries over fork + exec from this
+process, so it is only an upper bound). Target: peak RSS <= 25% of the checkpoint size. Result: ``--out``
+(default, for the full 32 layers: benchmarks/results/memory_7b.json).
 """
 
 from __future__ import annotations
@@ -80,7 +83,11 @@ def main():
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"],
                     help="decoder layers (fewer for a quick check: memory is bounded per layer)")
-    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoint (and the pruned output) afterwards")
+    ap.add_argument("--method", default="wanda")
+    ap.add_argument("--calib", default="tinystories")
+    ap.add_argument("--cache-budget", default=None, help="passed to prune --cache-budget (default: its own)")
+    ap.add_argument("--out", default=None, help="result JSON (default: memory_7b.json for the full depth, else none)")
     a = ap.parse_args()
     work = Path(a.work)
     src, out = work / "dense", work / "pruned"
@@ -89,9 +96,11 @@ def main():
         write_checkpoint(src, layers=a.layers)
     size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     t_write = time.time() - t0
-    cmd = [sys.executable, "-m", "prunetune", "prune", "--model", str(src), "--method", "wanda", "--sparsity", "0.5",
-           "--calib", "tinystories", "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--dtype", "bfloat16",
+    cmd = [sys.executable, "-m", "prunetune", "prune", "--model", str(src), "--method", a.method, "--sparsity", "0.5",
+           "--calib", a.calib, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--dtype", "bfloat16",
            "--device", "cpu", "--out", str(out), "--overwrite"]
+    if a.cache_budget is not None:
+        cmd += ["--cache-budget", str(a.cache_budget)]
     t1 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t1
@@ -102,14 +111,19 @@ def main():
     res = {
         "checkpoint": "Llama-2-7B shapes, random bf16 weights", "layers": a.layers, "checkpoint_bytes": size,
         "command": " ".join(cmd[1:]), "prune_wall_time_s": round(wall, 1), "write_time_s": round(t_write, 1),
-        "peak_rss_bytes": peak, "peak_rss_share_of_checkpoint": round(peak / size, 4), "target_share": 0.25,
-        "pruned_report_total": json.loads((out / "prune_report.json").read_text())["total"],
+        "peak_rss_bytes_ru_maxrss": peak, "target_share": 0.25,
     }
+    report = json.loads((out / "prune_report.json").read_text())
+    own = report["manifest"]["peak_rss_mb"] * 2 ** 20
+    res.update(peak_rss_bytes=int(own), peak_rss_share_of_checkpoint=round(own / size, 4),
+               pruned_report_total=report["total"], activation_cache=report.get("activation_cache"))
     from prunetune.manifest import machine, versions, write_json_atomic
 
     res.update(versions=versions(), machine=machine())
-    if a.layers == CONFIG["num_hidden_layers"]:  # a shallower check prints its numbers but keeps the 7B result
-        write_json_atomic(ROOT / "benchmarks" / "results" / "memory_7b.json", res)
+    dest = a.out or (ROOT / "benchmarks" / "results" / "memory_7b.json" if a.layers == CONFIG["num_hidden_layers"]
+                     else None)  # a shallower check prints its numbers but keeps the 7B result
+    if dest:
+        write_json_atomic(Path(dest), res)
     print(json.dumps(res, indent=2))
     if not a.keep:
         shutil.rmtree(work)

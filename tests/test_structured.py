@@ -137,6 +137,10 @@ def test_shrink_cli_writes_a_smaller_plain_model_and_pca_beats_the_channel_basel
            ["perplexity"]["tinystories"]["ppl"] for k in ("pca", "act")}
     assert ppl["pca"] < ppl["act"], ppl
     assert pca["shrink"]["hidden_size"] == act["shrink"]["hidden_size"] == 48
+    # the rotation adds no operation: the same modules and tensors as the plain channel removal
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "act")
+    assert [type(x).__name__ for x in m.modules()] == [type(x).__name__ for x in a.modules()]
+    assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in a.state_dict().items()}
 
 
 def test_shrink_bad_inputs_are_one_clear_line(tmp_path):
