@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""In and out of the calibration domain on the bundled stories260K: SparseGPT, APT's default and APT with the
+ADMM mask, calibrated on TinyStories, scored on TinyStories (in domain) and WikiText-2 (another domain).
+
+    python benchmarks/apt_ood_stories.py --out benchmarks/results/apt_ood_stories.json
+
+Protocol: stories260K (the bundled llama2.c model), calibration TinyStories excerpt 64 x 256 tokens, seed 0,
+dampening 0.01; perplexity over 256-token windows (all of the TinyStories excerpt, the first 64 of WikiText-2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+import prunetune as pt  # noqa: E402
+from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
+from prunetune.paths import DEFAULT_MODEL  # noqa: E402
+
+VARIANTS = {"sparsegpt": ("sparsegpt", {}), "apt": ("apt", {}), "apt-admm": ("apt", {"select": "admm"})}
+
+
+def ppl(model, a) -> dict:
+    r = pt.evaluate(str(model), ppl=["tinystories"], seqlen=256, max_windows=None, device="cpu", progress=False)
+    out = {"tinystories": r["perplexity"]["tinystories"]["ppl"]}
+    r2 = pt.evaluate(str(model), ppl=["wikitext2"], seqlen=256, max_windows=a.wikitext_windows, device="cpu",
+                     progress=False)
+    out["wikitext2"] = r2["perplexity"]["wikitext2"]["ppl"]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--settings", nargs="*", default=["0.7", "2:4", "0.5"])
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--wikitext-windows", type=int, default=64)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "apt_ood_stories.json"))
+    a = ap.parse_args()
+    res = {"protocol": {"model": "stories260K (bundled)", "calibration": f"tinystories {a.nsamples} x {a.seqlen}, "
+                        "seed 0", "perplexity": f"256-token windows: tinystories all, wikitext2 first "
+                        f"{a.wikitext_windows}", "variants": {k: {"method": m, **o} for k, (m, o) in VARIANTS.items()},
+                        "versions": versions(), "machine": machine(),
+                        "command": " ".join(["python", "benchmarks/apt_ood_stories.py", *sys.argv[1:]])},
+           "dense": None, "settings": {}}
+    res["dense"] = ppl(DEFAULT_MODEL, a)
+    with tempfile.TemporaryDirectory() as td:
+        for sp in a.settings:
+            row = {}
+            for v, (method, opts) in VARIANTS.items():
+                d = Path(td) / f"{v}-{sp.replace(':', 'of')}"
+                rep = pt.prune(str(DEFAULT_MODEL), method=method, sparsity=sp, out=d, calib="tinystories",
+                               nsamples=a.nsamples, seqlen=a.seqlen, device="cpu", progress=False, method_opts=opts)
+                row[v] = {**ppl(d, a), "wall_s": rep["manifest"]["wall_time_s"], "total": rep["total"]}
+            res["settings"][sp] = row
+            print(sp, json.dumps(row), flush=True)
+    write_json_atomic(Path(a.out), res)
+    print(json.dumps(res["dense"]))
+
+
+if __name__ == "__main__":
+    main()
