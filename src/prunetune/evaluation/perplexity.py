@@ -114,3 +114,14 @@ def perplexity(model, tokenizer, corpus: str, *, seqlen: int = 512, batch_size: 
         "batch_size": batch_size,
     }
     return res
+
+
+def before_after_lines(ev: dict | None) -> list[str]:
+    """The printed perplexity table of a command's ``--eval`` (``{"before": {corpus: ...}, "after": ...}``)."""
+    if not ev:
+        return []
+    lines = [f"{'corpus':<14}{'before':>12}{'after':>12}{'ratio':>9}"]
+    for c, b in ev["before"].items():
+        a = ev["after"][c]
+        lines.append(f"{c:<14}{b['ppl']:>12.3f}{a['ppl']:>12.3f}{a['ppl'] / b['ppl']:>9.3f}")
+    return lines

@@ -15,7 +15,7 @@ import torch
 from ..checkpoint import ShardWriter, materialize, open_streaming, release
 from ..data.calibration import sample_calibration
 from ..errors import PrunetuneError
-from ..evaluation.perplexity import max_positions, perplexity
+from ..evaluation.perplexity import before_after_lines, max_positions, perplexity
 from ..io import (all_finite, atomic_output_dir, check_output_dir, load_model, parse_dtype, partial_dir_for,
                   resolve_model, verify_manifest, write_manifest)
 from ..manifest import machine, measure, peak_rss_mb, versions
@@ -326,9 +326,4 @@ def summary_table(report: dict) -> str:
              f"pruned matrices: {report['total']['pruned_matrices']}, measured sparsity "
              f"{report['total']['sparsity_of_pruned_matrices']:.4f}, mean relative layer error "
              f"{report['total']['mean_rel_error']:.4f}, wall {man.get('wall_time_s', 0):.1f}s, peak RSS {man.get('peak_rss_mb', 0):.0f} MB"]
-    if "eval" in report:
-        lines.append(f"{'corpus':<14}{'before':>12}{'after':>12}{'ratio':>9}")
-        for c, b in report["eval"]["before"].items():
-            a = report["eval"]["after"][c]
-            lines.append(f"{c:<14}{b['ppl']:>12.3f}{a['ppl']:>12.3f}{a['ppl'] / b['ppl']:>9.3f}")
-    return "\n".join(lines)
+    return "\n".join(lines + before_after_lines(report.get("eval")))

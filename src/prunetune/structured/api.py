@@ -25,6 +25,7 @@ import torch
 
 from ..data.calibration import sample_calibration
 from ..errors import PrunetuneError
+from ..evaluation.perplexity import before_after_lines, max_positions
 from ..io import atomic_output_dir, check_output_dir, load_model, resolve_model, write_manifest
 from ..manifest import machine, measure, peak_rss_mb, versions
 from .slicing import check_ratio, check_sliceable, keep_count
@@ -67,7 +68,6 @@ def shrink(model=None, *, ratio: float, out, method: str = "pca", calib: str = "
     """Remove the fraction ``ratio`` of hidden channels of ``model`` (HF dir, Hub id or GGUF) and write the
     smaller plain checkpoint plus ``shrink_report.json`` to ``out`` (see the module docstring)."""
     from ..api import _device
-    from ..evaluation.perplexity import max_positions
     from ..pruning.api import _eval_pair
 
     if method not in SHRINK_METHODS:
@@ -124,9 +124,4 @@ def summary_table(report: dict) -> str:
     if "energy_in_removed_directions" in s:
         line += f", energy in the removed directions {s['energy_in_removed_directions']:.4f}"
     lines = [line, f"wall {man.get('wall_time_s', 0):.1f}s, peak RSS {man.get('peak_rss_mb', 0):.0f} MB"]
-    if "eval" in report:
-        lines.append(f"{'corpus':<14}{'before':>12}{'after':>12}{'ratio':>9}")
-        for c, b in report["eval"]["before"].items():
-            a = report["eval"]["after"][c]
-            lines.append(f"{c:<14}{b['ppl']:>12.3f}{a['ppl']:>12.3f}{a['ppl'] / b['ppl']:>9.3f}")
-    return "\n".join(lines)
+    return "\n".join(lines + before_after_lines(report.get("eval")))

@@ -115,14 +115,6 @@ class PATModules(nn.Module):
             h.remove()
         self._handles = []
 
-    @torch.no_grad()
-    def rows(self, keep: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """``D[keep, :]`` (k × d) without forming ``D``."""
-        keep = keep.to(self.L0.device)
-        out = (self.L1.to(dtype)[keep] * self.v.to(dtype)) @ self.L0.to(dtype)
-        out[torch.arange(keep.numel(), device=out.device), keep] += 1
-        return out
-
     def identity_loss(self) -> torch.Tensor:
         """Sum of every HSM's identity loss (0 when there are none)."""
         if len(self.hsms) == 0:
