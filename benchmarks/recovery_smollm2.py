@@ -169,8 +169,9 @@ def main():
     res["protocol"] = {
         "dense": a.dense,
         "pat_and_prune_then_tune": {
-            "data": f"{a.data} (first {a.max_records} records, {a.eval_size} held out; Alpaca template, loss on the "
-                    "response only)", "steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len, "lr": a.lr,
+            "data": (f"{a.data} (first {a.max_records} records, {a.eval_size} held out; Alpaca template, loss on the "
+                     "response only)") if a.data == "alpaca" else
+                    f"{a.data} (text: packed {a.seq_len}-token windows, {a.eval_size} held out)", "steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len, "lr": a.lr,
             "schedule": "cosine, no warm-up", "seed": 0,
             "adapters": "LoRA r=8 alpha=16 dropout 0.05 on q/k/v/o/gate/up/down of every layer; PAT adds the HSMs "
                         "(HIO rank 5% of d) and the shared mask, milestone 1/3, identity loss",
