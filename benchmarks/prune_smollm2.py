@@ -34,7 +34,8 @@ def ppl_all(model_dir, corpora, windows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
-    ap.add_argument("--methods", nargs="*", default=["magnitude", "wanda", "sparsegpt", "apt"])
+    ap.add_argument("--methods", nargs="*", default=["magnitude", "wanda", "sparsegpt", "apt"],
+                    help=f"methods, or the variants {', '.join(VARIANTS)}")
     ap.add_argument("--settings", nargs="*", default=["0.5", "0.6", "0.7", "2:4", "4:8"])
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -88,8 +89,9 @@ def main():
                 continue
             d = Path(a.work) / key.replace(":", "of").replace("@", "-")
             ns = a.magnitude_nsamples if method == "magnitude" else a.nsamples
-            rep = pt.prune(a.model, method=method, sparsity=setting, out=d, calib="c4", nsamples=ns,
-                           seqlen=a.seqlen, seed=0, overwrite=True, device="cpu")
+            name, opts = VARIANTS.get(method, (method, {}))
+            rep = pt.prune(a.model, method=name, sparsity=setting, out=d, calib="c4", nsamples=ns,
+                           seqlen=a.seqlen, seed=0, overwrite=True, device="cpu", method_opts=opts or None)
             t = time.time()
             ppl = {c: r["ppl"] for c, r in ppl_all(d, a.corpora, a.ppl_windows).items()}
             res["runs"][key] = {"method": method, "sparsity": setting, "ppl": ppl, "calibration_samples": ns,
@@ -100,6 +102,10 @@ def main():
             save()
             print(key, json.dumps(res["runs"][key]), flush=True)
     print(markdown(res))
+
+
+#: method variants: name -> (method, method options)
+VARIANTS = {"apt-admm": ("apt", {"select": "admm"})}
 
 
 def markdown(res: dict) -> str:
