@@ -15,6 +15,7 @@ from prunetune.pruning.masks import is_nm_valid, num_pruned, parse_sparsity
 from prunetune.pruning.methods import available, get_method
 from prunetune.pruning.methods.apt import exact_solve
 from prunetune.pruning.methods.sparsegpt import sparsegpt_prune
+from reference_sparsegpt import fasterprune
 
 SPECS = ["0.5", "0.7", "2:4", "4:8"]
 
@@ -496,59 +497,13 @@ def test_driver_collects_only_what_the_method_needs_and_the_cheapest_error_basis
     assert sum(r.shape[0] for r in big.rows) == ERROR_SAMPLE
 
 
-def _reference_fasterprune(W, H, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=0.01):
-    """A direct transcription of ``SparseGPT.fasterprune`` of the reference implementation (IST-DASLab
-    sparsegpt.py; its ``prunen`` is the number pruned of every ``prunem``), in the given dtype."""
-    W = W.clone()
-    H = H.clone()
-    columns = W.shape[1]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    damp = percdamp * torch.mean(torch.diag(H))
-    diag = torch.arange(columns)
-    H[diag, diag] += damp
-    H = torch.linalg.cholesky(H)
-    H = torch.cholesky_inverse(H)
-    H = torch.linalg.cholesky(H, upper=True)
-    Hinv = H
-    for i1 in range(0, columns, blocksize):
-        i2 = min(i1 + blocksize, columns)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        if prunen == 0:
-            tmp = W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
-            thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
-            mask1 = tmp <= thresh
-        else:
-            mask1 = torch.zeros_like(W1) == 1
-        for i in range(count):
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            if prunen != 0 and i % prunem == 0:
-                tmp = W1[:, i:(i + prunem)] ** 2 / (torch.diag(Hinv1)[i:(i + prunem)].reshape((1, -1))) ** 2
-                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-    return W
-
-
 @pytest.mark.parametrize("sparsity", ["0.5", "0.7", "2:4", "4:8"])
-def test_sparsegpt_equals_the_reference_fasterprune(sparsity):
+def test_sparsegpt_equals_thefasterprune(sparsity):
     """Same W and H (float64): the same mask and the same weights as the reference code, whose unstructured mask
     is one threshold per block over all rows (rows end with different zero counts)."""
     W, _, H = problem(3, out=40, inn=96)
     spec = parse_sparsity(sparsity)
-    ref = _reference_fasterprune(W, H, spec.sparsity, spec.m - spec.n if spec.is_nm else 0,
+    ref = fasterprune(W, H, spec.sparsity, spec.m - spec.n if spec.is_nm else 0,
                                  spec.m if spec.is_nm else 0, blocksize=32)
     out = fn("sparsegpt")(W, H, spec, blocksize=32)
     assert torch.equal(out == 0, ref == 0)
