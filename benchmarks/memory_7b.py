@@ -87,6 +87,7 @@ def main():
     ap.add_argument("--method", default="wanda")
     ap.add_argument("--calib", default="tinystories")
     ap.add_argument("--cache-budget", default=None, help="passed to prune --cache-budget (default: its own)")
+    ap.add_argument("--batch-size", type=int, default=None, help="passed to prune --batch-size (default: its own)")
     ap.add_argument("--out", default=None, help="result JSON (default: memory_7b.json for the full depth, else none)")
     a = ap.parse_args()
     work = Path(a.work)
@@ -101,6 +102,8 @@ def main():
            "--device", "cpu", "--out", str(out), "--overwrite"]
     if a.cache_budget is not None:
         cmd += ["--cache-budget", str(a.cache_budget)]
+    if a.batch_size is not None:
+        cmd += ["--batch-size", str(a.batch_size)]
     t1 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t1

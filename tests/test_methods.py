@@ -226,6 +226,26 @@ def test_upper_inverse_factor():
     torch.testing.assert_close(U, torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True), rtol=1e-8, atol=1e-9)
 
 
+def test_lean_factorization_is_the_same_factorization():
+    """SparseGPT alone keeps no dampened H and updates the factorization's own copy of W (two in × in matrices
+    fewer at a 7B MLP's peak): same U, same pruned weights, and the caller's H and W are left as they were."""
+    W, _, H = problem(8, 24, 40)
+    H[5, :] = H[:, 5] = 0  # a dead input too
+    W0, H0 = W.clone(), H.clone()
+    full = prepare_hessian(H, W, 0.01, upper_inverse=True)
+    lean = prepare_hessian(H, W, 0.01, upper_inverse=True, keep_h=False)
+    assert lean.H is None and full.H is not None and lean.L is None
+    assert torch.equal(lean.U, full.U) and torch.equal(lean.W, full.W)
+    torch.testing.assert_close(full.inverse(), torch.linalg.inv(full.H), rtol=1e-9, atol=1e-9)  # L made on demand
+    for sp in ("0.5", "2:4"):
+        spec = parse_sparsity(sp)
+        a, ma, prep = sparsegpt_prune(W, H, spec, blocksize=8)
+        b, mb, none = sparsegpt_prune(W, H, spec, blocksize=8, keep_prepared=False)
+        assert none is None and prep is not None and torch.equal(a, b) and torch.equal(ma, mb)
+        assert torch.equal(fn("sparsegpt")(W, H, spec, blocksize=8), a)
+    assert torch.equal(W, W0) and torch.equal(H, H0)
+
+
 # ------------------------------------------------------------------------------------------- APT maths
 
 def lstsq_rows(W, X, keep):

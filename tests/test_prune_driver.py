@@ -111,6 +111,32 @@ def test_streaming_equals_in_memory(tmp_path, stories_dir):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_half_precision_model_runs_its_layers_in_float32_on_cpu(tmp_path, stories_dir):
+    """A bfloat16 model pruned on CPU: each layer runs in float32 (``compute_dtype="auto"``), the checkpoint stays
+    bfloat16 with the exact N:M pattern, and layer 0's q/k/v (inputs identical to a float32 run of the same
+    bf16-valued model) are that run's weights rounded to bfloat16. Forcing bfloat16 compute is recorded too."""
+    rep = prune(stories_dir, method="sparsegpt", sparsity="2:4", out=tmp_path / "h", dtype="bfloat16", **CAL)
+    assert rep["manifest"]["dtype"] == "bfloat16" and rep["manifest"]["compute_dtype"] == "float32"
+    ref_dir = tmp_path / "f32src"
+    AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.bfloat16).float().save_pretrained(ref_dir)
+    for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        if (stories_dir / f).is_file():
+            shutil.copy(stories_dir / f, ref_dir / f)
+    prune(ref_dir, method="sparsegpt", sparsity="2:4", out=tmp_path / "f", **CAL)
+    h = AutoModelForCausalLM.from_pretrained(tmp_path / "h", dtype=torch.bfloat16)
+    f = AutoModelForCausalLM.from_pretrained(tmp_path / "f")
+    assert h.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    for name in ("q_proj", "k_proj", "v_proj"):
+        wh = getattr(h.model.layers[0].self_attn, name).weight
+        wf = getattr(f.model.layers[0].self_attn, name).weight
+        assert torch.equal(wh, wf.to(torch.bfloat16)), name
+    for _, W in _linears(h):
+        assert is_nm_valid(W.float(), 2, 4)
+    rep = prune(stories_dir, method="wanda", sparsity="0.5", out=tmp_path / "b", dtype="bfloat16",
+                compute_dtype="bfloat16", **CAL)
+    assert rep["manifest"]["compute_dtype"] == "bfloat16"
+
+
 def test_owl_nonuniform(tmp_path, stories_dir):
     rep = prune(stories_dir, method="wanda", sparsity="0.5", out=tmp_path / "o", owl=True, owl_lambda=0.08, **CAL)
     per_layer = {}

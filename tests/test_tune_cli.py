@@ -440,3 +440,15 @@ def test_dora_the_method_in_one_file_tunes_and_merges(runs, alpaca):
     assert rep["method"] == "dora" and json.loads((out / "adapters" / "adapter_config.json").read_text())["use_dora"]
     merge(out, out=runs / "dora-merged", device="cpu")
     assert_same_weights(out, runs / "dora-merged")
+
+
+def test_summary_of_a_streamed_pat_merge():
+    """A streamed PAT merge reports no parameter count; the CLI's summary must still print (it raised KeyError)."""
+    from prunetune.tuning.api import summary
+
+    rep = {"method": "pat", "adapters": "a", "pat": {"hidden_size_before": 64, "hidden_size": 48, "ratio": 0.25,
+                                                     "kept_channels": list(range(48)), "rotated": True},
+           "manifest": {"wall_time_s": 1.0, "peak_rss_mb": 10.0}}
+    assert "hidden size 64 -> 48 (48 channels kept)\n" in summary(rep)
+    rep["pat"]["parameters"] = 1234
+    assert "(48 channels kept), 1,234 parameters" in summary(rep)

@@ -86,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-budget", default="auto", metavar="MB|auto",
                    help="RAM for the activations between layers; beyond it they live on disk in the working folder "
                         "(auto: a quarter of the memory available; 0: always on disk)")
+    p.add_argument("--compute-dtype", default="auto", metavar="auto|DTYPE",
+                   help="dtype each layer runs in while it is pruned; the output keeps --dtype (auto: float32 on a "
+                        "CPU when --dtype is bfloat16/float16, whose CPU matmuls are often several times slower; "
+                        "else --dtype)")
     p.add_argument("--eval", nargs="*", default=None, metavar="CORPUS", help="perplexity before/after on these corpora")
     p.add_argument("--out", required=True, help="output folder (written in one rename at the end)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -285,7 +289,7 @@ def _cmd_prune(a):
                 seqlen=a.seqlen, seed=a.seed, damp=a.damp, blocksize=a.blocksize, owl=a.owl,
                 true_sequential=not a.no_true_sequential, eval_corpora=a.eval, dtype=a.dtype, device=a.device,
                 overwrite=a.overwrite, resume=a.resume, batch_size=a.batch_size, cache_budget=a.cache_budget,
-                method_opts=parse_method_opts(a.method_opt))
+                compute_dtype=a.compute_dtype, method_opts=parse_method_opts(a.method_opt))
     print(res["summary_table"])
     print(f"wrote {a.out}")
 

@@ -302,15 +302,16 @@ class ModelAdapter:
         return out[0] if isinstance(out, (tuple, list)) else out
 
     @staticmethod
-    def kwargs_to(kwargs, device):
-        """Move recorded kwargs (one dict, or a list of per-layer dicts) to a device; a tensor shared by several
-        layers is moved once and stays shared."""
+    def kwargs_to(kwargs, device, dtype=None):
+        """Move recorded kwargs (one dict, or a list of per-layer dicts) to a device, floating tensors to ``dtype``
+        if given; a tensor shared by several layers is moved once and stays shared."""
         memo: dict[int, object] = {}
 
         def move(v):
             if isinstance(v, torch.Tensor):
                 if id(v) not in memo:
-                    memo[id(v)] = v.to(device)
+                    memo[id(v)] = v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point()
+                                       else v.dtype)
                 return memo[id(v)]
             if isinstance(v, tuple):
                 return tuple(move(x) for x in v)

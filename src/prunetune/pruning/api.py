@@ -57,14 +57,15 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
           owl_m: float = 5.0, true_sequential: bool = True, eval_corpora=None, eval_seqlen: int = 512,
           eval_max_windows: int | None = None, dtype: str = "float32", device: str | None = None,
           overwrite: bool = False, resume: bool = False, batch_size: int = 8, method_opts: dict | None = None,
-          stream: bool | None = None, cache_budget="auto", progress: bool = True) -> dict:
+          stream: bool | None = None, cache_budget="auto", compute_dtype: str = "auto", progress: bool = True) -> dict:
     """Prune ``model`` (HF dir, Hub id or GGUF) and write a plain HF checkpoint plus ``prune_report.json`` to ``out``.
 
     ``sparsity``: 0.5 = half of every pruned matrix is zero; "2:4" keeps 2 of every 4 consecutive input
     weights. Local safetensors checkpoints are streamed one layer at a time (bounded memory); others are
     loaded whole. The activations between layers stay in RAM up to ``cache_budget`` MB (``"auto"``: a quarter
     of the memory available), else on disk in the working folder. ``resume=True`` continues a killed run from
-    its last finished layer.
+    its last finished layer. ``compute_dtype``: what each layer runs in while it is pruned (``"auto"``: float32 on
+    a CPU for a bfloat16/float16 model, else ``dtype``); the written weights keep ``dtype``.
     """
     from ..api import _device
 
@@ -80,6 +81,11 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
         raise PrunetuneError("--owl sets per-layer unstructured sparsity; it cannot be combined with N:M")
     device = _device(device)
     torch_dtype = parse_dtype(dtype)
+    if compute_dtype == "auto":
+        half = torch_dtype in (torch.bfloat16, torch.float16)
+        run_dtype = torch.float32 if half and torch.device(device).type == "cpu" else torch_dtype
+    else:
+        run_dtype = parse_dtype(compute_dtype)
     budget_mb = parse_budget(cache_budget)
     src = resolve_model(model)
     out_path = Path(out).expanduser().resolve()
@@ -138,6 +144,7 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
             "damp": damp, "blocksize": blocksize, "true_sequential": true_sequential,
             "owl": {"lambda": owl_lambda, "m": owl_m} if owl else None, "method_opts": method_opts or {},
             "dtype": str(torch_dtype).replace("torch.", ""), "prunetune": versions()["prunetune"],
+            "compute_dtype": str(run_dtype).replace("torch.", ""),
         }
         fingerprint = _fingerprint(protocol)
         if resume:  # checked before the working folder is opened: a refused resume leaves it intact
@@ -190,7 +197,8 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                 extra.path.unlink(missing_ok=True)
                 layer_specs = owl_layer_specs(ratios, spec, owl_lambda)
             cfg = DriverConfig(method=pm, spec=spec, damp=damp, blocksize=blocksize, true_sequential=true_sequential,
-                               method_opts=dict(method_opts or {}), layer_specs=layer_specs)
+                               method_opts=dict(method_opts or {}), layer_specs=layer_specs,
+                               compute_dtype=None if run_dtype == torch_dtype else run_dtype)
 
             def on_layer_done(i, layer, results, hidden, kw, out_slot):
                 prefix = adapter.layer_prefix(i)

@@ -140,6 +140,10 @@ class DriverConfig:
     true_sequential: bool = True
     method_opts: dict = field(default_factory=dict)
     layer_specs: list | None = None  # per-layer SparsitySpec (OWL), else ``spec`` everywhere
+    #: dtype the layer's forwards run in (None: its stored dtype). The layer is cast to it only for its forwards
+    #: and kept in the stored dtype in between (half the memory while a matrix is pruned); each pruned matrix is
+    #: rounded to the stored dtype, so the next layer's inputs match the written checkpoint
+    compute_dtype: torch.dtype | None = None
 
 
 class _GroupDone(Exception):
@@ -159,7 +163,7 @@ def _bank_args(args, kwargs):
     return vals[0], vals[1]
 
 
-def _capture_stats(layer, names, hidden, kwargs, device, adapter, need: str) -> dict:
+def _capture_stats(layer, names, hidden, kwargs, device, adapter, need: str, dtype=None) -> dict:
     """Run the layer over all cached batches with hooks on ``names``; linears fed the same tensor share stats.
 
     The forward stops as soon as the last hooked linear has its input, so capturing q/k/v costs almost
@@ -217,7 +221,7 @@ def _capture_stats(layer, names, hidden, kwargs, device, adapter, need: str) -> 
                 seen.clear()
                 fired.clear()
                 try:
-                    adapter.run_layer(layer, h.to(device), kwargs)
+                    adapter.run_layer(layer, h.to(device=device, dtype=dtype or h.dtype), kwargs)
                 except _GroupDone:
                     pass
     finally:
@@ -227,13 +231,34 @@ def _capture_stats(layer, names, hidden, kwargs, device, adapter, need: str) -> 
     return accs
 
 
+class _RunsIn:
+    """Cast ``layer`` to ``dtype`` for the ``with`` block and back to its stored dtype after (exact: every weight
+    holds a value of the stored dtype); a no-op when ``dtype`` is None or already the stored one."""
+
+    def __init__(self, layer, dtype):
+        self.layer, self.dtype = layer, dtype
+        self.store = next((p.dtype for p in layer.parameters() if p.is_floating_point()), None)
+        self.active = dtype is not None and self.store is not None and dtype != self.store
+
+    def __enter__(self):
+        if self.active:
+            self.layer.to(self.dtype)
+        return self.dtype if self.active else None
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.layer.to(self.store)
+            trim_heap()
+
+
 def prune_layer(layer, layer_idx: int, adapter, hidden, kwargs, cfg: DriverConfig, device) -> list[LayerResult]:
     """Prune every linear of one decoder layer in place; return per-linear statistics."""
     spec = cfg.layer_specs[layer_idx] if cfg.layer_specs else cfg.spec
     groups = adapter.prune_groups() if cfg.true_sequential else [[n for g in adapter.prune_groups() for n in g]]
     results = []
     for group in groups:
-        stats = _capture_stats(layer, group, hidden, kwargs, device, adapter, cfg.method.needs)
+        with _RunsIn(layer, cfg.compute_dtype) as dtype:
+            stats = _capture_stats(layer, group, hidden, kwargs, device, adapter, cfg.method.needs, dtype)
         for name in group:
             if experts.parse(name) is not None:
                 results += _prune_bank(layer, layer_idx, name, stats.pop(name, None), adapter, cfg, spec)
@@ -286,12 +311,14 @@ def _prune_bank(layer, layer_idx: int, name: str, stats, adapter, cfg: DriverCon
     return out
 
 
-def run_layers(layer_outputs_fn, hidden, kwargs, device, out=None):
-    """The layer's outputs for every batch of ``hidden``: a list on CPU, or written into the slot ``out``."""
+def run_layers(layer_outputs_fn, hidden, kwargs, device, out=None, dtype=None):
+    """The layer's outputs for every batch of ``hidden``: a list on CPU, or written into the slot ``out``. With
+    ``dtype`` each batch runs in it and its outputs come back in the batch's own dtype."""
     results = []
     with torch.no_grad():
         for i in range(len(hidden)):
-            y = layer_outputs_fn(hidden[i].to(device), kwargs).to("cpu")
+            h = hidden[i]
+            y = layer_outputs_fn(h.to(device=device, dtype=dtype or h.dtype), kwargs).to("cpu", h.dtype)
             if not all_finite(y):
                 raise PrunetuneError("non-finite activations")
             if out is None:
@@ -319,7 +346,7 @@ def sequential_prune(model, *, batches, cfg: DriverConfig, device, on_layer_done
         hidden, layer_kwargs = inputs.hidden, inputs.layer_kwargs
     else:
         hidden = start_hidden
-    layer_kwargs = adapter.kwargs_to(layer_kwargs, device)
+    layer_kwargs = adapter.kwargs_to(layer_kwargs, device, dtype=cfg.compute_dtype)
     all_results = []
     layers = adapter.layers
     bar = tqdm(range(start_layer, len(layers)), desc=f"prune {cfg.method.name} {cfg.spec}", unit="layer",
@@ -335,7 +362,9 @@ def sequential_prune(model, *, batches, cfg: DriverConfig, device, on_layer_done
             slot = "b" if slot == "a" else "a"
             out_slot = cache.slots[slot]
         try:
-            hidden_next = run_layers(lambda h, kw: adapter.run_layer(layer, h, kw), hidden, kwargs, device, out_slot)
+            with _RunsIn(layer, cfg.compute_dtype) as dtype:
+                hidden_next = run_layers(lambda h, kw: adapter.run_layer(layer, h, kw), hidden, kwargs, device,
+                                         out_slot, dtype)
         except PrunetuneError:
             raise PrunetuneError(f"activations after layer {i} contain NaN/Inf") from None
         if cache is not None:

@@ -620,8 +620,9 @@ def summary(report: dict) -> str:
         lines.append(s)
     pat = report.get("pat")
     if pat:
+        n = pat.get("parameters")  # a streamed merge (tuning/streamed.py) does not count them
         lines.append(f"hidden size {pat['hidden_size_before']} -> {pat['hidden_size']} "
-                     f"({len(pat['kept_channels'])} channels kept), {pat['parameters']:,} parameters")
+                     f"({len(pat['kept_channels'])} channels kept)" + (f", {n:,} parameters" if n is not None else ""))
     man = report.get("manifest", {})
     lines.append(f"wall {man.get('wall_time_s', 0):.1f}s, peak RSS {man.get('peak_rss_mb', 0):.0f} MB")
     return "\n".join(lines)

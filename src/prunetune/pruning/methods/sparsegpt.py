@@ -31,22 +31,25 @@ MASK_SCOPES = ("block", "row")
 
 
 def sparsegpt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, blocksize: int = 128,
-                    prepared: PreparedHessian | None = None, mask_scope: str = "block"
-                    ) -> tuple[Tensor, Tensor, PreparedHessian]:
+                    prepared: PreparedHessian | None = None, mask_scope: str = "block",
+                    keep_prepared: bool = True) -> tuple[Tensor, Tensor, PreparedHessian | None]:
     """SparseGPT; returns ``(W_new, mask, prepared)`` (mask: True = pruned by the algorithm).
 
     ``prepared`` (from `prepare_hessian(..., upper_inverse=True)`) can be passed to reuse the factorization.
     ``mask_scope`` (unstructured): ``"block"`` (the reference) or ``"row"`` (see the module docstring).
+    ``keep_prepared=False`` (without ``prepared``): the dampened H is never kept and the weights are updated in
+    the factorization's own copy (``prepared`` comes back None): two ``in × in`` matrices fewer at the peak.
     """
     if mask_scope not in MASK_SCOPES:
         raise PrunetuneError(f"sparsegpt: mask_scope must be 'block' or 'row' (got '{mask_scope}')")
     if spec.is_nm:
         spec.check_fits(W.shape[1], f"weight of shape {tuple(W.shape)}")
-    prep = prepared if prepared is not None else prepare_hessian(H, W, damp, upper_inverse=True)
+    own = prepared is None and not keep_prepared
+    prep = prepared if prepared is not None else prepare_hessian(H, W, damp, upper_inverse=True, keep_h=not own)
     if prep.U is None:
         raise ValueError("sparsegpt_prune needs a PreparedHessian with the upper inverse factor U")
     U = prep.U
-    W = prep.W.clone()
+    W = prep.W if own else prep.W.clone()
     rows, cols = W.shape
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     bs = max(1, int(blocksize))
@@ -92,7 +95,7 @@ def sparsegpt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0
             W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
 
     W[:, prep.dead] = 0.0
-    return W, mask, prep
+    return W, mask, (None if own else prep)
 
 
 @register("sparsegpt")
@@ -105,4 +108,4 @@ def sparsegpt(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, b
     ``row``, exactly ``round(sparsity · in)`` zeros in every row).
     """
     reject_unknown_opts("sparsegpt", opts, [])
-    return sparsegpt_prune(W, H, spec, damp=damp, blocksize=blocksize, mask_scope=mask_scope)[0]
+    return sparsegpt_prune(W, H, spec, damp=damp, blocksize=blocksize, mask_scope=mask_scope, keep_prepared=False)[0]
