@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import PrunetuneError
+from ..io import all_finite
 
 log = logging.getLogger("prunetune")
 
@@ -74,13 +75,14 @@ def _upper_inverse_of_reversed(A: Tensor) -> Tensor | None:
     in float32.
     """
     info = torch.empty((), dtype=torch.int32, device=A.device)
-    torch.linalg.cholesky_ex(A, out=(A, info))
+    At = A.mT  # A is symmetric; its transposed view is column-major, so LAPACK factors it without a copy
+    torch.linalg.cholesky_ex(At, upper=True, out=(At, info))  # A now holds the lower factor M
     if int(info) != 0:
         return None
     X = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     torch.linalg.solve_triangular(A, X, upper=False, out=X)
     U = _reverse_(X)
-    if not torch.isfinite(U).all() or not (U.diagonal() > 0).all():
+    if not all_finite(U) or not (U.diagonal() > 0).all():
         return None
     return U
 

@@ -17,6 +17,7 @@ import torch
 
 from ..checkpoint import SafetensorsSource, ShardWriter, skeleton
 from ..errors import PrunetuneError
+from ..io import trim_heap
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -43,6 +44,25 @@ class BaseTensors:
     def __call__(self, key: str) -> torch.Tensor:
         name = key if key in self.source else self.tied.get(key, key)
         return self.source.get(name).to(self.dtype)
+
+
+class AdapterTensors:
+    """An adapter file's tensors by name, the file opened per read (as ``SafetensorsSource.get``): the pages read
+    for finished layers do not stay mapped into the process, so its memory does not grow with the depth."""
+
+    def __init__(self, path):
+        from safetensors import safe_open
+
+        self._open = lambda: safe_open(str(path), framework="pt")
+        with self._open() as h:
+            self._keys = list(h.keys())
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        with self._open() as h:
+            return h.get_tensor(name)
 
 
 @torch.no_grad()
@@ -82,11 +102,14 @@ def write_streamed(tm, adir: Path, base: BaseTensors, stage: Path, tokenizer_dir
         if m is None:
             writer.write(f"model-rest-{n_rest:03d}.safetensors", {key: t})
             n_rest += 1
+            del t
+            trim_heap()  # freed float64 temporaries stay resident otherwise (and add up layer after layer)
             continue
         name = writer.layer_file(int(m.group(1)))
         if name != shard and pending:
             writer.write(shard, pending)
             pending = {}
+            trim_heap()
         shard = name
         pending[key] = t
     if pending:

@@ -336,10 +336,10 @@ class PATMethod(TuningMethod):
         """The smaller checkpoint tensor by tensor (``tuning/streamed.py``), the same arithmetic as ``export``:
         the base weight (folded and rotated when trained rotated), plus the LoRA update ``s · B A``, then the slice
         plan with each writer's ``D[keep, :]``."""
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
         from ....structured.slicing import SlicePlan, shrunk_config
+        from ...streamed import AdapterTensors
 
         d = Path(directory)
         for f in (ADAPTER_FILE, CONFIG_FILE):
@@ -347,7 +347,7 @@ class PATMethod(TuningMethod):
                 raise PrunetuneError(f"no PAT adapters in {d} (missing {f})")
         meta = json.loads((d / CONFIG_FILE).read_text())
         adapter = check_sliceable(base.model, "PAT")
-        ad = safe_open(str(d / ADAPTER_FILE), framework="pt")
+        ad = AdapterTensors(d / ADAPTER_FILE)
         names = set(ad.keys())
         final = ad.get_tensor(f"{PAT_ATTR}.mask.final") if f"{PAT_ATTR}.mask.final" in names else None
         if final is not None and final.numel() == meta["hidden_size"]:

@@ -134,7 +134,7 @@ class SPPMethod(TuningMethod):
     def stream_tensors(self, directory, base):
         """The merged checkpoint tensor by tensor (``tuning/streamed.py``): ``W ⊙ (1 + s · A ⊙ w_beta)`` for every
         adapted linear, in row chunks, the same float64 arithmetic as ``SPPLinear.merged_weight``."""
-        from safetensors import safe_open
+        from ...streamed import AdapterTensors
 
         f = Path(directory) / ADAPTER_FILE
         if not f.is_file():
@@ -142,14 +142,14 @@ class SPPMethod(TuningMethod):
         scaling = self.config.scaling
 
         def tensors():
-            with safe_open(str(f), framework="pt") as ad:
-                names = set(ad.keys())
-                for key in base.keys():
-                    t = base(key)
-                    mod = key[: -len(".weight")] if key.endswith(".weight") else None
-                    if mod is not None and f"{mod}.w_alpha" in names:
-                        t = merged_in_chunks(t, ad.get_tensor(f"{mod}.w_alpha"), ad.get_tensor(f"{mod}.w_beta"),
-                                             scaling)
-                    yield key, t
+            ad = AdapterTensors(f)
+            names = set(ad.keys())
+            for key in base.keys():
+                t = base(key)
+                mod = key[: -len(".weight")] if key.endswith(".weight") else None
+                if mod is not None and f"{mod}.w_alpha" in names:
+                    t = merged_in_chunks(t, ad.get_tensor(f"{mod}.w_alpha"), ad.get_tensor(f"{mod}.w_beta"),
+                                         scaling)
+                yield key, t
 
         return base.config, tensors(), {}
