@@ -80,6 +80,25 @@ def check_sliceable(model: nn.Module, what: str = "removing hidden channels"):
     return adapter
 
 
+#: float64 elements of one block of rows in a product on a large tensor (128 MB), as SPP's merged_in_chunks
+ROW_BLOCK = 1 << 24
+
+
+def by_rows(t: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``f(t.double()).to(t.dtype)`` a block of rows at a time, for an ``f`` that maps each row on its own
+    (``x @ M``, ``x * g``): a vocabulary x d tensor never has a full float64 copy (1 GB at 32000 x 4096)."""
+    if t.dim() != 2 or t.numel() <= ROW_BLOCK:
+        return f(t.double()).to(t.dtype)
+    step = max(1, ROW_BLOCK // t.shape[1])
+    out = None
+    for r0 in range(0, t.shape[0], step):
+        y = f(t[r0:r0 + step].double()).to(t.dtype)
+        if out is None:
+            out = torch.empty((t.shape[0],) + tuple(y.shape[1:]), dtype=t.dtype, device=t.device)
+        out[r0:r0 + step] = y
+    return out
+
+
 def n_keep_for(d: int, ratio: float) -> int:
     """Channels kept when a fraction ``ratio`` of ``d`` hidden channels is removed: ``round((1 − ratio) · d)``."""
     return int(round((1.0 - ratio) * d))
@@ -195,7 +214,10 @@ class SlicePlan:
         if mod_path in self.writers and pname in ("weight", "bias"):
             R = self.writer_rows(mod_path) if self.writer_rows is not None else None
             if mod_path == self.embed_path:  # rows are tokens: E' = E R^T
-                return src[:, kd] if R is None else (src.double() @ R.to(src.device, torch.float64).t())
+                if R is None:
+                    return src[:, kd]
+                Rt = R.to(src.device, torch.float64).t()
+                return by_rows(src, lambda x: x @ Rt)
             return src[kd] if R is None else (R.to(src.device, torch.float64) @ src.double())
         if key in self.readers:
             return src[:, kd]

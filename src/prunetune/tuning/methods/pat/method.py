@@ -38,7 +38,7 @@ from torch import nn
 
 from ....errors import PrunetuneError
 from ....models import get_adapter
-from ....structured.slicing import check_sliceable, keep_count
+from ....structured.slicing import by_rows, check_sliceable, keep_count
 from ...base import TuningMethod, register
 from .hsm import PATModules, default_rank
 from .mask import TAU_HARD
@@ -423,12 +423,12 @@ class _RotatedBase:
         mod, _, pname = key.rpartition(".")
         if key in self.norms:
             return torch.ones_like(t)
-        if key in self.reader_norm:
+        if key in self.reader_norm:  # a block of rows at a time: the LM head is vocabulary x d
             g = self.base(self.reader_norm[key]).double()
-            t = (t.double() * g).to(dt)
-            return (t.double() @ self.Q).to(dt)
+            t = by_rows(t, lambda x: x * g)
+            return by_rows(t, lambda x: x @ self.Q)
         if key == self.a.embed_path + ".weight":
-            return (t.double() @ self.Q).to(dt)
+            return by_rows(t, lambda x: x @ self.Q)
         if mod in self.writers:
             x = t.double()
             return (self.Q.t() @ x if x.dim() == 2 else x @ self.Q).to(dt)
