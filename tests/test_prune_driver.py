@@ -257,3 +257,19 @@ def test_activations_on_disk_give_the_same_model_and_bad_budgets_are_refused(tmp
         prune(stories_dir, method="wanda", sparsity="0.5", out=tmp_path / "y", **CAL)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert not list(tmp_path.glob(".x*")) and not list(tmp_path.glob(".y*"))
+
+
+def test_a_layer_runs_in_the_compute_dtype_and_every_tensor_returns_to_its_own():
+    """Layers that keep some tensors in float32 next to bfloat16 weights get each one back in its own dtype."""
+    from prunetune.pruning.sequential import _RunsIn
+
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 4).to(torch.bfloat16), torch.nn.LayerNorm(4))
+    layer.register_buffer("scale", torch.ones(4, dtype=torch.bfloat16))
+    before = {n: t.clone() for n, t in list(layer.named_parameters()) + list(layer.named_buffers())}
+    with _RunsIn(layer, torch.float32) as dtype:
+        assert dtype == torch.float32
+        assert all(t.dtype == torch.float32 for t in layer.parameters())
+    after = dict(list(layer.named_parameters()) + list(layer.named_buffers()))
+    assert all(after[n].dtype == t.dtype and torch.equal(after[n], t) for n, t in before.items())
+    with _RunsIn(layer.float(), torch.float32) as dtype:  # already float32: nothing to do
+        assert dtype is None

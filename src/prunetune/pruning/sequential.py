@@ -232,13 +232,15 @@ def _capture_stats(layer, names, hidden, kwargs, device, adapter, need: str, dty
 
 
 class _RunsIn:
-    """Cast ``layer`` to ``dtype`` for the ``with`` block and back to its stored dtype after (exact: every weight
-    holds a value of the stored dtype); a no-op when ``dtype`` is None or already the stored one."""
+    """Cast ``layer`` to ``dtype`` for the ``with`` block and every tensor back to its own stored dtype after
+    (exact: each weight holds a value of that dtype, pruned ones were rounded to it); a no-op when ``dtype`` is
+    None or already the dtype of every floating tensor."""
 
     def __init__(self, layer, dtype):
         self.layer, self.dtype = layer, dtype
-        self.store = next((p.dtype for p in layer.parameters() if p.is_floating_point()), None)
-        self.active = dtype is not None and self.store is not None and dtype != self.store
+        tensors = list(layer.named_parameters()) + list(layer.named_buffers())
+        self.stored = {n: t.dtype for n, t in tensors if t.is_floating_point()}
+        self.active = dtype is not None and any(d != dtype for d in self.stored.values())
 
     def __enter__(self):
         if self.active:
@@ -247,7 +249,9 @@ class _RunsIn:
 
     def __exit__(self, *exc):
         if self.active:
-            self.layer.to(self.store)
+            for n, t in list(self.layer.named_parameters()) + list(self.layer.named_buffers()):
+                if n in self.stored and t.dtype != self.stored[n]:
+                    t.data = t.data.to(self.stored[n])
             trim_heap()
 
 
