@@ -87,11 +87,6 @@ def _upper_inverse_of_reversed(A: Tensor) -> Tensor | None:
     return U
 
 
-def _upper_inverse_factor(H: Tensor) -> Tensor | None:
-    """Upper-triangular ``U`` with ``Uᵀ U = H⁻¹`` or None if ``H`` is not positive definite (``H`` is kept)."""
-    return _upper_inverse_of_reversed(H.flip(0, 1))
-
-
 @dataclass
 class PreparedHessian:
     """A dampened Hessian ready for pruning (all tensors in the working dtype, on W's device)."""

@@ -142,10 +142,9 @@ def prune_mask_rows(scores: Tensor, sparsity: float) -> Tensor:
 def prune_mask_matrix(scores: Tensor, sparsity: float) -> Tensor:
     """Mark exactly ``round(sparsity * numel)`` lowest-scoring entries over the whole matrix (True = prune)."""
     k = num_pruned(scores.numel(), sparsity)
-    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k:
-        flat = _lowest_mask(scores.reshape(-1), k)
-    return flat.view(scores.shape)
+    if not k:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    return _lowest_mask(scores.reshape(-1), k).view(scores.shape)
 
 
 def prune_mask_nm(scores: Tensor, n: int, m: int) -> Tensor:
