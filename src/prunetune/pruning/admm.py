@@ -8,7 +8,7 @@ It is solved in the coordinates where ``H`` has a unit diagonal (``s_j = sqrt(H_
 ``Ĥ = diag(s)⁻¹ H diag(s)⁻¹``), where a magnitude projection ranks weights by ``|W_ij| · ||X_j||`` — the
 input-aware score — rather than by ``|W_ij|``. Splitting ``B' = Z`` (scaled dual ``U``)::
 
-    B' ← (B Ĥ + ρ (Z − U)) (Ĥ + ρ I)⁻¹          (one eigendecomposition of Ĥ serves every ρ)
+    B' ← (B Ĥ + ρ (Z − U)) (Ĥ + ρ I)⁻¹          (two triangular solves with the Cholesky factor for this ρ)
     Z  ← Proj_S(B' + U)                          (keep the largest magnitudes: per matrix, row or N:M group)
     U  ← U + B' − Z
 
@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .masks import _lowest_mask
+
 SCOPES = ("matrix", "row")
 
 
@@ -30,21 +32,21 @@ def project(X: Tensor, keep: int | None, *, scope: str = "matrix", n: int = 0, m
     """Boolean mask of the entries kept by the magnitude projection onto the sparsity set (True = kept).
 
     Unstructured: the ``keep`` largest ``|X|`` of the matrix (``scope="matrix"``) or ``keep`` per row
-    (``scope="row"``); N:M (``n`` kept of every ``m`` consecutive inputs): the ``n`` largest of each group."""
+    (``scope="row"``), found by selection (``kthvalue``, ties to the earlier position: ~2x faster than
+    ``topk`` on a whole matrix, and it runs once per iteration); N:M (``n`` kept of every ``m`` consecutive
+    inputs): the ``n`` largest of each group."""
     a = X.abs()
     if m:
         rows, cols = a.shape
         g = a.reshape(rows, cols // m, m)
         idx = torch.topk(g, n, dim=2).indices
         return torch.zeros_like(g, dtype=torch.bool).scatter_(2, idx, True).reshape(rows, cols)
-    if scope == "row":
-        idx = torch.topk(a, keep, dim=1).indices
-        return torch.zeros_like(a, dtype=torch.bool).scatter_(1, idx, True)
-    flat = a.reshape(-1)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if keep > 0:
-        mask[torch.topk(flat, keep).indices] = True
-    return mask.view_as(a)
+    drop = (a.shape[1] if scope == "row" else a.numel()) - keep
+    if drop <= 0:
+        return torch.ones_like(a, dtype=torch.bool)
+    if keep <= 0:
+        return torch.zeros_like(a, dtype=torch.bool)
+    return ~_lowest_mask(a if scope == "row" else a.reshape(-1), drop).view_as(a)
 
 
 def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "matrix", n: int = 0, m: int = 0,
@@ -60,20 +62,22 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
     s = H.diagonal().to(dt).clamp_min(torch.finfo(dt).tiny).sqrt()
     Hn = (H.to(dt) / s[:, None]) / s[None, :]
     B = W.to(dt) * s
-    evals, Q = torch.linalg.eigh(Hn.double())
-    evals, Q = evals.to(dt), Q.to(dt)
     BH = B @ Hn
+    eye = torch.eye(Hn.shape[0], dtype=dt, device=Hn.device)
+    L, L_rho = None, None
     Z = B * project(B, keep, scope=scope, n=n, m=m)
     U = torch.zeros_like(B)
     supp = Z != 0
     kept = int(supp.sum()) or 1
     rose, moved_once, it, change = False, False, 0, 1.0
     for it in range(1, max_iter + 1):
-        R = BH + rho * (Z - U)
-        Bp = ((R @ Q) / (evals + rho)) @ Q.t()
-        sel = project(Bp + U, keep, scope=scope, n=n, m=m)
-        Z = (Bp + U) * sel
-        U = U + Bp - Z
+        if rho != L_rho:  # ρ changes at most once per check: one Cholesky factor serves those iterations
+            L, L_rho = torch.linalg.cholesky(Hn + rho * eye), rho
+        Bp = torch.cholesky_solve((BH + rho * (Z - U)).t(), L).t()
+        V = Bp + U
+        sel = project(V, keep, scope=scope, n=n, m=m)
+        Z = V * sel
+        U = V - Z
         if it % check == 0:
             changed = int((sel != supp).sum())
             change = changed / kept
