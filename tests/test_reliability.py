@@ -494,3 +494,23 @@ def test_prune_disk_full_then_resume_gives_the_same_files(sgpt, tmp_path, capsys
     assert weights_and_settings(out) == weights_and_settings(sgpt)
     assert json.loads((out / "prune_report.json").read_text())["manifest"]["resumed_from_layer"] == 3
     assert not partial_dir_for(out).exists()
+
+
+@pytest.mark.parametrize("command", ["prune", "tune"])
+def test_a_second_run_into_the_same_output_refuses_and_keeps_the_first_runs_work(command, tmp_path, capsys):
+    """While a run holds ``--out`` (its lock), another prune or tune into it stops with one line and leaves the
+    first run's working folder as it was (it used to remove it as the leftovers of an interrupted run)."""
+    from prunetune.io import run_lock
+
+    out = tmp_path / "out"
+    work = partial_dir_for(out) / "resume"
+    work.mkdir(parents=True)
+    (work / "journal.json").write_text("{}")
+    args = (*PRUNE, "--model", DEFAULT_MODEL) if command == "prune" else (*TUNE, "--model", DEFAULT_MODEL)
+    with run_lock(out) as lock:
+        before = tree(tmp_path)
+        one_line(capsys, main(*args, "--out", out), command, "another prunetune run", str(out))
+        assert tree(tmp_path) == before
+    assert not lock.exists()  # released and removed when the holder ends
+    assert main(*args, "--out", out) == 0  # free again: the leftovers are removed, the run is done
+    assert out.is_dir() and not partial_dir_for(out).exists() and not lock.exists()

@@ -198,6 +198,50 @@ def partial_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
+@contextmanager
+def run_lock(out: str | Path):
+    """Hold an OS lock on ``.<out>.lock`` beside ``out`` for a whole run. A second job asked to write the same
+    output refuses to start, instead of removing the first one's working folder as the leftovers of an
+    interrupted run. A killed run leaves no stale lock (the OS drops it with the process); the file is removed
+    when the run ends. A no-op where the OS has no ``flock``."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        yield None
+        return
+    out = Path(out).expanduser().resolve()
+    path = out.parent / f".{out.name}.lock"
+    made = not out.parent.exists()
+    with writing(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise PrunetuneError(f"another prunetune run is writing '{out}' (it holds '{path}'): wait for it to "
+                                     "finish or choose another output directory") from None
+            try:
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the holder removed the file as it finished: lock the new one
+    try:
+        yield path
+    finally:
+        try:
+            path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+        if made:
+            try:
+                out.parent.rmdir()  # only if empty: the run published nothing there
+            except OSError:
+                pass
+
+
 def check_output_dir(out: str | Path, *, overwrite: bool, inputs: tuple = ()) -> Path:
     """Refuse outputs that would clobber work or land inside an input directory."""
     out = Path(out).expanduser().resolve()

@@ -17,7 +17,7 @@ from ..data.calibration import sample_calibration
 from ..errors import PrunetuneError
 from ..evaluation.perplexity import before_after_lines, max_positions, perplexity
 from ..io import (all_finite, atomic_output_dir, check_output_dir, load_model, parse_dtype, partial_dir_for,
-                  resolve_model, verify_manifest, write_manifest)
+                  resolve_model, run_lock, verify_manifest, write_manifest)
 from ..manifest import machine, measure, peak_rss_mb, versions
 from ..models import get_adapter
 from ..models.discover import preflight
@@ -91,146 +91,151 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
     out_path = Path(out).expanduser().resolve()
     partial = partial_dir_for(out_path)
     state_file = partial / RESUME / JOURNAL
-    if resume:
-        if out_path.exists() and not overwrite:
-            raise PrunetuneError(f"output directory '{out_path}' already exists (use --overwrite to replace it)")
-        if not state_file.is_file():
-            raise PrunetuneError(f"nothing to resume: no interrupted run for '{out_path}'")
-    else:
-        check_output_dir(out_path, overwrite=overwrite, inputs=(src.path if src.kind != "hub" else None,))
-        if partial.exists():
-            log.info("removing the leftovers of an earlier interrupted run: %s", partial)
-            shutil.rmtree(partial)
-
-    if src.kind == "local":
-        preflight(src.path)  # an unsupported model is said before any weight is read
-    t_start = time.time()
-    with measure() as meas:
-        streaming = src.kind == "local" and any(f.endswith(".safetensors") for f in src.weight_files)
-        if stream is not None:
-            streaming = stream and streaming
-        net = source = None
-        if streaming:
-            verify_manifest(src.path)  # a prunetune output: every file must still match its recorded hash
-            net, source = open_streaming(src.path, torch_dtype)
-            renamed = [n for n, _ in net.named_parameters() if n not in source]
-            if renamed:  # transformers converts such checkpoints (e.g. per-expert MoE tensors) while loading
-                log.info("'%s' stores '%s' under another name: loading the whole model", src.spec, renamed[0])
-                net = source = None
-            else:
-                model_info = src.describe()
-                model_info.update(model_type=net.config.model_type, dtype=str(torch_dtype).replace("torch.", ""),
-                                  loading="streamed layer by layer")
-        if net is None:
-            streaming = False
-            net, _, model_info = load_model(src.spec, dtype=dtype, device="cpu", tokenizer=False)
-            model_info["loading"] = "whole model in memory"
-        tok = _load_tokenizer(src)
-        adapter = get_adapter(net)
-        for i, layer in enumerate(adapter.layers):
-            for name, lin in adapter.linears(layer).items():
-                if spec.kind == "nm":
-                    spec.check_fits(lin.in_features, f"{adapter.layer_prefix(i)}{name}")
-        limit = max_positions(net.config)
-        if limit is not None and seqlen > limit:
-            log.warning("calibration seqlen %d clipped to the model's %d positions", seqlen, limit)
-            seqlen = limit
-        ids, calib_protocol = sample_calibration(tok, calib, nsamples, seqlen, seed)
-        batches = _batches(ids, batch_size)
-
-        protocol = {
-            "model": {k: v for k, v in model_info.items() if k != "loading"}, "method": pm.name,
-            "sparsity": str(spec), "sparsity_semantics": _semantics(spec), "calibration": calib_protocol,
-            "damp": damp, "blocksize": blocksize, "true_sequential": true_sequential,
-            "owl": {"lambda": owl_lambda, "m": owl_m} if owl else None, "method_opts": method_opts or {},
-            "dtype": str(torch_dtype).replace("torch.", ""), "prunetune": versions()["prunetune"],
-            "compute_dtype": str(run_dtype).replace("torch.", ""),
-        }
-        fingerprint = _fingerprint(protocol)
-        if resume:  # checked before the working folder is opened: a refused resume leaves it intact
-            state = read_journal(state_file.parent)
-            if state.get("fingerprint") != fingerprint:
-                raise PrunetuneError("cannot resume: the interrupted run used other settings or another model "
-                                     "(start again without --resume)")
-
-        def materialize_layer(i, layer):
-            materialize(net, adapter.layer_prefix(i), layer, source, device, torch_dtype)
-
-        if streaming:
-            _load_outside_layers(net, adapter, source, device, torch_dtype)
+    with run_lock(out_path):  # held until the run ends: a second run into the same --out refuses to start
+        if resume:
+            if out_path.exists() and not overwrite:
+                raise PrunetuneError(f"output directory '{out_path}' already exists (use --overwrite to replace it)")
+            if not state_file.is_file():
+                raise PrunetuneError(f"nothing to resume: no interrupted run for '{out_path}'")
         else:
-            for name, p in net.named_parameters():
-                if not name.startswith(adapter.layers_path + "."):
-                    p.data = p.data.to(device)
-        for name, p in net.named_parameters():
-            if not name.startswith(adapter.layers_path + ".") and p.device.type != "meta" and not all_finite(p.data):
-                raise PrunetuneError(f"weights of '{name}' contain NaN/Inf")
+            check_output_dir(out_path, overwrite=overwrite, inputs=(src.path if src.kind != "hub" else None,))
+            if partial.exists():
+                log.info("removing the leftovers of an earlier interrupted run: %s", partial)
+                shutil.rmtree(partial)
 
-        # kept after a crash, a kill or a full disk once a finished layer can be resumed
-        resumable = lambda tmp: (tmp / RESUME / JOURNAL).is_file()  # noqa: E731
-        shapes = [(int(b.shape[0]), int(b.shape[1]), int(adapter.hidden_size)) for b in batches]
-        with atomic_output_dir(out_path, overwrite=overwrite, keep_partial=resumable) as tmp:
-            writer = ShardWriter(tmp)
-            cache = ActivationCache(tmp / RESUME, shapes, torch_dtype, budget_mb)
-            start_layer, slot, done, layer_specs = 0, "a", [], None
-            if resume:
-                start_layer, slot = state["layer"] + 1, state["slot"]
-                done = [LayerResult(**r) for r in state["results"]]
-                layer_specs = state.get("layer_specs")
-                layer_specs = [parse_sparsity(x) for x in layer_specs] if layer_specs else None
+        if src.kind == "local":
+            preflight(src.path)  # an unsupported model is said before any weight is read
+        t_start = time.time()
+        with measure() as meas:
+            streaming = src.kind == "local" and any(f.endswith(".safetensors") for f in src.weight_files)
+            if stream is not None:
+                streaming = stream and streaming
+            net = source = None
+            if streaming:
+                verify_manifest(src.path)  # a prunetune output: every file must still match its recorded hash
+                net, source = open_streaming(src.path, torch_dtype)
+                renamed = [n for n, _ in net.named_parameters() if n not in source]
+                if renamed:  # transformers converts such checkpoints (e.g. per-expert MoE tensors) while loading
+                    log.info("'%s' stores '%s' under another name: loading the whole model", src.spec, renamed[0])
+                    net = source = None
+                else:
+                    model_info = src.describe()
+                    model_info.update(model_type=net.config.model_type, dtype=str(torch_dtype).replace("torch.", ""),
+                                      loading="streamed layer by layer")
+            if net is None:
+                streaming = False
+                net, _, model_info = load_model(src.spec, dtype=dtype, device="cpu", tokenizer=False)
+                model_info["loading"] = "whole model in memory"
+            tok = _load_tokenizer(src)
+            adapter = get_adapter(net)
+            for i, layer in enumerate(adapter.layers):
+                for name, lin in adapter.linears(layer).items():
+                    if spec.kind == "nm":
+                        spec.check_fits(lin.in_features, f"{adapter.layer_prefix(i)}{name}")
+            limit = max_positions(net.config)
+            if limit is not None and seqlen > limit:
+                log.warning("calibration seqlen %d clipped to the model's %d positions", seqlen, limit)
+                seqlen = limit
+            ids, calib_protocol = sample_calibration(tok, calib, nsamples, seqlen, seed)
+            batches = _batches(ids, batch_size)
+
+            protocol = {
+                "model": {k: v for k, v in model_info.items() if k != "loading"}, "method": pm.name,
+                "sparsity": str(spec), "sparsity_semantics": _semantics(spec), "calibration": calib_protocol,
+                "damp": damp, "blocksize": blocksize, "true_sequential": true_sequential,
+                "owl": {"lambda": owl_lambda, "m": owl_m} if owl else None, "method_opts": method_opts or {},
+                "dtype": str(torch_dtype).replace("torch.", ""), "prunetune": versions()["prunetune"],
+                "compute_dtype": str(run_dtype).replace("torch.", ""),
+            }
+            fingerprint = _fingerprint(protocol)
+            if resume:  # checked before the working folder is opened: a refused resume leaves it intact
+                state = read_journal(state_file.parent)
+                if state.get("fingerprint") != fingerprint:
+                    raise PrunetuneError("cannot resume: the interrupted run used other settings or another model "
+                                         "(start again without --resume)")
+
+            def materialize_layer(i, layer):
+                materialize(net, adapter.layer_prefix(i), layer, source, device, torch_dtype)
+
+            if streaming:
+                _load_outside_layers(net, adapter, source, device, torch_dtype)
             else:
-                cache.check_disk()
-                for sl in cache.slots.values():
-                    sl.create()
-            if streaming:  # layer 0 runs once while each layer's arguments are recorded
-                materialize_layer(0, adapter.layers[0])
-            inputs = adapter.first_layer_inputs(batches, device, sink=_Discard() if resume else cache.slots["a"])
-            if streaming:  # the embedding was only needed for these inputs; _write_rest copies it from the source
-                _release_outside_layers(net, adapter)
-            if owl and layer_specs is None:
-                extra = Slot(tmp / RESUME / "hidden-owl.bin", shapes, torch_dtype, False)
-                extra.create()
-                ratios = outlier_ratios(net, cache.slots["a"], inputs.layer_kwargs, device, m=owl_m,
-                                        materialize_layer=materialize_layer if streaming else None,
-                                        release_layer=(lambda i, l: release(l)) if streaming else None,
-                                        scratch=(cache.slots["b"], extra))
-                extra.path.unlink(missing_ok=True)
-                layer_specs = owl_layer_specs(ratios, spec, owl_lambda)
-            cfg = DriverConfig(method=pm, spec=spec, damp=damp, blocksize=blocksize, true_sequential=true_sequential,
-                               method_opts=dict(method_opts or {}), layer_specs=layer_specs,
-                               compute_dtype=None if run_dtype == torch_dtype else run_dtype)
+                for name, p in net.named_parameters():
+                    if not name.startswith(adapter.layers_path + "."):
+                        p.data = p.data.to(device)
+            for name, p in net.named_parameters():
+                if (not name.startswith(adapter.layers_path + ".") and p.device.type != "meta"
+                        and not all_finite(p.data)):
+                    raise PrunetuneError(f"weights of '{name}' contain NaN/Inf")
 
-            def on_layer_done(i, layer, results, hidden, kw, out_slot):
-                prefix = adapter.layer_prefix(i)
-                writer.write(writer.layer_file(i), {prefix + k: v for k, v in layer.state_dict().items()})
-                done.extend(results)
-                cache.write_journal({"fingerprint": fingerprint, "layer": i, "slot": out_slot,
-                                     "results": [asdict(r) for r in done],
-                                     "layer_specs": [str(x) for x in layer_specs] if layer_specs else None})
-                if streaming:
-                    release(layer)
+            # kept after a crash, a kill or a full disk once a finished layer can be resumed
+            resumable = lambda tmp: (tmp / RESUME / JOURNAL).is_file()  # noqa: E731
+            shapes = [(int(b.shape[0]), int(b.shape[1]), int(adapter.hidden_size)) for b in batches]
+            with atomic_output_dir(out_path, overwrite=overwrite, keep_partial=resumable) as tmp:
+                writer = ShardWriter(tmp)
+                cache = ActivationCache(tmp / RESUME, shapes, torch_dtype, budget_mb)
+                start_layer, slot, done, layer_specs = 0, "a", [], None
+                if resume:
+                    start_layer, slot = state["layer"] + 1, state["slot"]
+                    done = [LayerResult(**r) for r in state["results"]]
+                    layer_specs = state.get("layer_specs")
+                    layer_specs = [parse_sparsity(x) for x in layer_specs] if layer_specs else None
+                else:
+                    cache.check_disk()
+                    for sl in cache.slots.values():
+                        sl.create()
+                if streaming:  # layer 0 runs once while each layer's arguments are recorded
+                    materialize_layer(0, adapter.layers[0])
+                inputs = adapter.first_layer_inputs(batches, device, sink=_Discard() if resume else cache.slots["a"])
+                if streaming:  # the embedding was only needed for these inputs; _write_rest copies it from the source
+                    _release_outside_layers(net, adapter)
+                if owl and layer_specs is None:
+                    extra = Slot(tmp / RESUME / "hidden-owl.bin", shapes, torch_dtype, False)
+                    extra.create()
+                    ratios = outlier_ratios(net, cache.slots["a"], inputs.layer_kwargs, device, m=owl_m,
+                                            materialize_layer=materialize_layer if streaming else None,
+                                            release_layer=(lambda i, l: release(l)) if streaming else None,
+                                            scratch=(cache.slots["b"], extra))
+                    extra.path.unlink(missing_ok=True)
+                    layer_specs = owl_layer_specs(ratios, spec, owl_lambda)
+                cfg = DriverConfig(method=pm, spec=spec, damp=damp, blocksize=blocksize,
+                                   true_sequential=true_sequential, method_opts=dict(method_opts or {}),
+                                   layer_specs=layer_specs,
+                                   compute_dtype=None if run_dtype == torch_dtype else run_dtype)
 
-            sequential_prune(net, batches=batches, cfg=cfg, device=device, on_layer_done=on_layer_done,
-                             start_layer=start_layer, layer_kwargs=inputs.layer_kwargs, cache=cache, slot=slot,
-                             materialize_layer=materialize_layer if streaming else None, progress=progress)
-            _write_rest(net, adapter, source, writer, tmp, tok, torch_dtype)
-            shutil.rmtree(tmp / RESUME, ignore_errors=True)
-            report = _report(done, protocol, net, adapter)
-            report["activation_cache"] = cache.describe()
-            report["manifest"] = {"tool": "prunetune", "command": "prune", **protocol, "versions": versions(),
-                                  "machine": machine(), "device": device,
-                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)),
-                                  "resumed_from_layer": start_layer if resume else None}
-            report["manifest"].update(wall_time_s=round(time.time() - t_start, 3), peak_rss_mb=round(peak_rss_mb(), 1))
-            if eval_corpora:
-                report["eval"] = _eval_pair(src.spec, tmp, eval_corpora, eval_seqlen, eval_max_windows, dtype, device)
-            (tmp / REPORT).write_text(json.dumps(report, indent=2, default=str) + "\n")
-            write_manifest(tmp, {"tool": "prunetune", "command": "prune", "fingerprint": fingerprint,
-                                 "source_model": src.location()})
-    # wall time and peak memory of the whole job, including the evaluation
-    report["manifest"].update(meas.as_dict())
-    report["summary_table"] = summary_table(report)
-    return report
+                def on_layer_done(i, layer, results, hidden, kw, out_slot):
+                    prefix = adapter.layer_prefix(i)
+                    writer.write(writer.layer_file(i), {prefix + k: v for k, v in layer.state_dict().items()})
+                    done.extend(results)
+                    cache.write_journal({"fingerprint": fingerprint, "layer": i, "slot": out_slot,
+                                         "results": [asdict(r) for r in done],
+                                         "layer_specs": [str(x) for x in layer_specs] if layer_specs else None})
+                    if streaming:
+                        release(layer)
+
+                sequential_prune(net, batches=batches, cfg=cfg, device=device, on_layer_done=on_layer_done,
+                                 start_layer=start_layer, layer_kwargs=inputs.layer_kwargs, cache=cache, slot=slot,
+                                 materialize_layer=materialize_layer if streaming else None, progress=progress)
+                _write_rest(net, adapter, source, writer, tmp, tok, torch_dtype)
+                shutil.rmtree(tmp / RESUME, ignore_errors=True)
+                report = _report(done, protocol, net, adapter)
+                report["activation_cache"] = cache.describe()
+                report["manifest"] = {"tool": "prunetune", "command": "prune", **protocol, "versions": versions(),
+                                      "machine": machine(), "device": device,
+                                      "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)),
+                                      "resumed_from_layer": start_layer if resume else None}
+                report["manifest"].update(wall_time_s=round(time.time() - t_start, 3),
+                                          peak_rss_mb=round(peak_rss_mb(), 1))
+                if eval_corpora:
+                    report["eval"] = _eval_pair(src.spec, tmp, eval_corpora, eval_seqlen, eval_max_windows, dtype,
+                                                device)
+                (tmp / REPORT).write_text(json.dumps(report, indent=2, default=str) + "\n")
+                write_manifest(tmp, {"tool": "prunetune", "command": "prune", "fingerprint": fingerprint,
+                                     "source_model": src.location()})
+        # wall time and peak memory of the whole job, including the evaluation
+        report["manifest"].update(meas.as_dict())
+        report["summary_table"] = summary_table(report)
+        return report
 
 
 def _load_outside_layers(net, adapter, source, device, dtype) -> None:

@@ -29,13 +29,14 @@ import logging
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from ..errors import OutputWriteError, PrunetuneError, write_failure, writing
-from ..io import (check_output_dir, load_model, partial_dir_for, publish_dir, resolve_model, verify_manifest,
-                  write_manifest)
+from ..io import (check_output_dir, load_model, partial_dir_for, publish_dir, resolve_model, run_lock,
+                  verify_manifest, write_manifest)
 from ..manifest import machine, peak_rss_mb, reset_peak_rss, sha256_file, versions
 from .base import TuningMethod, get_method
 
@@ -196,18 +197,22 @@ def tune(model=None, *, method: str, data, out, merge: bool = False, teacher: st
         skeleton = preflight(src.path)  # an unsupported model is said before any weight is read
         if skeleton is not None:
             tm.check_structure(skeleton)
-    out_path, partial, resumed_from = _open_run(out, resume, overwrite, src)
-    t_start, t0 = time.time(), time.perf_counter()
-    reset_peak_rss()  # report this job's own peak
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    job = _prepare_job(tm, src, data_path, data_mode, seq_len, eval_size, max_records, tcfg.seed, dtype, calib,
-                       calib_samples, calib_seqlen, merge, teacher, kd_temperature, kd_weight)
-    res = _run_training(tm, job, tcfg, partial, resume)
-    if res is None:  # another process of a distributed run: rank 0 writes
-        return {}
-    report = _report(tm, job, res, tcfg, resumed_from, device, t_start, t0)
-    _write_tune_output(tm, job, res, report, partial, out_path, overwrite, merge)
+    from accelerate import PartialState
+
+    main = PartialState(cpu=tcfg.device == "cpu").is_main_process  # under `accelerate launch`: rank 0 writes
+    with run_lock(out) if main else nullcontext():  # a second run into the same `out` refuses to start
+        out_path, partial, resumed_from = _open_run(out, resume, overwrite, src)
+        t_start, t0 = time.time(), time.perf_counter()
+        reset_peak_rss()  # report this job's own peak
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        job = _prepare_job(tm, src, data_path, data_mode, seq_len, eval_size, max_records, tcfg.seed, dtype, calib,
+                           calib_samples, calib_seqlen, merge, teacher, kd_temperature, kd_weight)
+        res = _run_training(tm, job, tcfg, partial, resume)
+        if res is None:  # another process of a distributed run: rank 0 writes
+            return {}
+        report = _report(tm, job, res, tcfg, resumed_from, device, t_start, t0)
+        _write_tune_output(tm, job, res, report, partial, out_path, overwrite, merge)
     report["out"] = str(out_path)
     return report
 
