@@ -10,7 +10,8 @@ Writes the checkpoint tensor by tensor (never the whole model in memory), then r
 ``prunetune prune --method M --sparsity 0.5`` in a child process. Peak resident memory: the prune report's own
 (VmHWM from the job's start) and the child's ``ru_maxrss`` (which Linux carries over fork + exec from this
 process, so it is only an upper bound). Target: peak RSS <= 25% of the checkpoint size. Result: ``--out``
-(default, for the full 32 layers: benchmarks/results/memory_7b.json).
+(default, for the full 32 layers: benchmarks/results/memory_7b.json). Rerunning the same command after the
+prune was killed past a finished layer resumes it (``prune --resume``); the result then lists the parts.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def main():
     work = Path(a.work)
     src, out = work / "dense", work / "pruned"
     t0 = time.time()
-    if not (src / "config.json").is_file():
+    if not (src / "config.json").is_file() or not (src / "model.safetensors.index.json").is_file():
         write_checkpoint(src, layers=a.layers)
     size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     t_write = time.time() - t0
@@ -104,6 +105,13 @@ def main():
         cmd += ["--cache-budget", str(a.cache_budget)]
     if a.batch_size is not None:
         cmd += ["--batch-size", str(a.batch_size)]
+    # A run killed after a finished layer (e.g. at the end of a working session) continues with --resume; each
+    # part's peak, wall and CPU time are kept in ``parts.json`` and the result takes the max / sums.
+    parts_file = work / "parts.json"
+    resuming = (work / ".pruned.partial" / "resume" / "journal.json").is_file()
+    parts = json.loads(parts_file.read_text()) if resuming and parts_file.is_file() else []
+    if resuming:
+        cmd.append("--resume")
     t1 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t1
@@ -112,15 +120,22 @@ def main():
     if proc.returncode != 0:
         print(proc.stderr[-3000:])
         raise SystemExit(proc.returncode)
+    report = json.loads((out / "prune_report.json").read_text())
+    parts.append({"resumed_from_layer": report["manifest"].get("resumed_from_layer"), "wall_time_s": round(wall, 1),
+                  "cpu_time_s": round(ru.ru_utime + ru.ru_stime, 1),
+                  "peak_rss_bytes": int(report["manifest"]["peak_rss_mb"] * 2 ** 20), "peak_rss_bytes_ru_maxrss": peak})
+    parts_file.write_text(json.dumps(parts, indent=2))
     res = {
         "checkpoint": "Llama-2-7B shapes, random bf16 weights", "layers": a.layers, "checkpoint_bytes": size,
-        "command": " ".join(cmd[1:]), "prune_wall_time_s": round(wall, 1),
+        "command": " ".join(c for c in cmd[1:] if c != "--resume"),
+        "prune_wall_time_s": round(sum(p["wall_time_s"] for p in parts), 1),
         # CPU seconds of the prune, unlike its wall time not lengthened by other jobs on the machine
-        "prune_cpu_time_s": round(ru.ru_utime + ru.ru_stime, 1), "write_time_s": round(t_write, 1),
-        "peak_rss_bytes_ru_maxrss": peak, "target_share": 0.25,
+        "prune_cpu_time_s": round(sum(p["cpu_time_s"] for p in parts), 1), "write_time_s": round(t_write, 1),
+        "peak_rss_bytes_ru_maxrss": max(p["peak_rss_bytes_ru_maxrss"] for p in parts), "target_share": 0.25,
     }
-    report = json.loads((out / "prune_report.json").read_text())
-    own = report["manifest"]["peak_rss_mb"] * 2 ** 20
+    if len(parts) > 1:
+        res["parts"] = parts  # killed after a finished layer and resumed: the peak is the max over the parts
+    own = max(p["peak_rss_bytes"] for p in parts)
     res.update(peak_rss_bytes=int(own), peak_rss_share_of_checkpoint=round(own / size, 4),
                pruned_report_total=report["total"], activation_cache=report.get("activation_cache"))
     from prunetune.manifest import machine, versions, write_json_atomic
