@@ -518,7 +518,7 @@ def test_driver_collects_only_what_the_method_needs_and_the_cheapest_error_basis
 
 
 @pytest.mark.parametrize("sparsity", ["0.5", "0.7", "2:4", "4:8"])
-def test_sparsegpt_equals_thefasterprune(sparsity):
+def test_sparsegpt_equals_the_reference(sparsity):
     """Same W and H (float64): the same mask and the same weights as the reference code, whose unstructured mask
     is one threshold per block over all rows (rows end with different zero counts)."""
     W, _, H = problem(3, out=40, inn=96)

@@ -13,7 +13,8 @@ Algorithm (as in the reference implementation):
   block's columns, spread over blocks so that each row ends with exactly ``round(sparsity · in)`` zeros;
   N:M — when a group of M columns starts, its ``M − N`` lowest;
 * inside a block, one column at a time: zero the masked weights, spread their error over the block's
-  remaining columns; after the block, apply the accumulated error to all later columns at once.
+  remaining columns (directly within a micro-block of 16 columns, as one product for the block's columns after
+  it); after the block, apply the accumulated error to all later columns at once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from . import register, reject_unknown_opts
 
 
 MASK_SCOPES = ("block", "row")
+#: columns per micro-block inside a block: rank-1 updates reach only the micro-block's own later columns, the
+#: rest of the block gets them as one (rows x 16) @ (16 x rest) product — the same sums in another order, far
+#: fewer passes over the block on a CPU
+_MICRO = 16
 
 
 def sparsegpt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, blocksize: int = 128,
@@ -53,46 +58,51 @@ def sparsegpt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0
     rows, cols = W.shape
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     bs = max(1, int(blocksize))
+    mb = _MICRO
     if spec.is_nm:
         m, p = spec.m, spec.m - spec.n
         bs = max(m, bs // m * m)  # groups must not straddle blocks
+        mb = max(m, mb // m * m)  # nor micro-blocks: a group's mask sees every earlier column's update
 
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        # the block transposed (count, rows): each column of W is a contiguous row here, so the per-column steps
+        # below read and write contiguous memory
+        W1 = W[:, i1:i2].t().contiguous()
+        Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
-        d = U1.diagonal()
-        mask1 = mask[:, i1:i2]
+        d = U1.diagonal().unsqueeze(1)
+        mask1 = torch.zeros(count, rows, dtype=torch.bool, device=W.device)
         if not spec.is_nm and mask_scope == "block":
             score = W1.square() / d.square()
             k = int(score.numel() * spec.sparsity)
-            if k < score.numel():
-                thresh = torch.sort(score.flatten())[0][k]
-                mask1 |= score <= thresh
+            if k < score.numel():  # the (k+1)-th smallest score: element k of the sorted block, by selection
+                mask1 |= score <= score.reshape(-1).kthvalue(k + 1).values
             else:
                 mask1.fill_(True)
         elif not spec.is_nm:
             kb = num_pruned(i2, spec.sparsity) - num_pruned(i1, spec.sparsity)
             if kb:
                 score = W1.square() / d.square()
-                mask1.scatter_(1, torch.topk(score, kb, dim=1, largest=False).indices, True)
-        for i in range(count):
-            w = W1[:, i]
-            if spec.is_nm and i % m == 0:
-                score = W1[:, i:i + m].square() / d[i:i + m].square()
-                mask1.scatter_(1, i + torch.topk(score, p, dim=1, largest=False).indices, True)
-            q = w.masked_fill(mask1[:, i], 0.0)
-            Q1[:, i] = q
-            err = (w - q) / d[i]
-            if i + 1 < count:
-                W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1.0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
+                mask1.scatter_(0, torch.topk(score, kb, dim=0, largest=False).indices, True)
+        for j1 in range(0, count, mb):
+            j2 = min(j1 + mb, count)
+            for i in range(j1, j2):
+                if spec.is_nm and i % m == 0:
+                    score = W1[i:i + m].square() / d[i:i + m].square()
+                    mask1[i:i + m].scatter_(0, torch.topk(score, p, dim=0, largest=False).indices, True)
+                w = W1[i]
+                err = torch.mul(w, mask1[i], out=Err1[i]).div_(d[i])  # (w - q) / d: q = w where it stays
+                w.masked_fill_(mask1[i], 0.0)  # w becomes q; no later step reads its old value
+                if i + 1 < j2:
+                    W1[i + 1:j2].addr_(U1[i, i + 1:j2], err, alpha=-1.0)
+            if j2 < count:  # the micro-block's rank-1 updates of the block's later columns, as one product
+                W1[j2:].addmm_(U1[j1:j2, j2:].t(), Err1[j1:j2], alpha=-1.0)
+        W[:, i1:i2] = W1.t()
+        mask[:, i1:i2] = mask1.t()
         if i2 < cols:
-            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+            W[:, i2:].addmm_(Err1.t(), U[i1:i2, i2:], alpha=-1.0)
 
     W[:, prep.dead] = 0.0
     return W, mask, (None if own else prep)
