@@ -89,9 +89,9 @@ def main():
                 continue
             d = Path(a.work) / key.replace(":", "of").replace("@", "-")
             ns = a.magnitude_nsamples if method == "magnitude" else a.nsamples
-            name, opts = VARIANTS.get(method, (method, {}))
+            name, opts, extra = VARIANTS.get(method, (method, {}, {}))
             rep = pt.prune(a.model, method=name, sparsity=setting, out=d, calib="c4", nsamples=ns,
-                           seqlen=a.seqlen, seed=0, overwrite=True, device="cpu", method_opts=opts or None)
+                           seqlen=a.seqlen, seed=0, overwrite=True, device="cpu", method_opts=opts or None, **extra)
             t = time.time()
             ppl = {c: r["ppl"] for c, r in ppl_all(d, a.corpora, a.ppl_windows).items()}
             res["runs"][key] = {"method": method, "sparsity": setting, "ppl": ppl, "calibration_samples": ns,
@@ -104,8 +104,10 @@ def main():
     print(markdown(res))
 
 
-#: method variants: name -> (method, method options)
-VARIANTS = {"apt-admm": ("apt", {"select": "admm"})}
+#: method variants: name -> (method, method options, other prune arguments); "-owl": OWL's per-layer sparsity
+#: (default lambda 0.08, M 5)
+VARIANTS = {"apt-admm": ("apt", {"select": "admm"}, {}), "sparsegpt-owl": ("sparsegpt", {}, {"owl": True}),
+            "apt-owl": ("apt", {}, {"owl": True}), "apt-admm-owl": ("apt", {"select": "admm"}, {"owl": True})}
 
 
 def markdown(res: dict) -> str:
@@ -120,16 +122,17 @@ def markdown(res: dict) -> str:
             continue
         cells = " | ".join(f"{r['ppl'][c]:.2f} ({r['ppl'][c] / dense[c]:.2f}x)" for c in corpora)
         lines.append(f"| {r['sparsity']} | {r['method']} | {cells} | {r['prune_wall_time_s']:.0f} | {r['prune_peak_rss_mb']:.0f} |")
-    settings = [r["sparsity"] for k, r in runs.items() if r["method"] == "apt" and f"sparsegpt@{r['sparsity']}" in runs]
-    if settings:
-        lines += ["", "APT vs SparseGPT, same run: increase of perplexity over dense, APT's relative to SparseGPT's "
-                      "(below 1: APT loses less), and mean relative layer error ratio", "",
-                  "| setting | " + " | ".join(f"{c}: (APT - dense) / (SparseGPT - dense)" for c in corpora)
-                  + " | layer error APT / SparseGPT | prune time APT / SparseGPT |", "|---|" + "---|" * (len(corpora) + 2)]
-        for s in settings:
-            a, g = runs[f"apt@{s}"], runs[f"sparsegpt@{s}"]
+    pairs = [(k, r) for k, r in runs.items() if r["method"].startswith("apt") and f"sparsegpt@{r['sparsity']}" in runs]
+    if pairs:
+        lines += ["", "APT variants vs SparseGPT at the same setting: increase of perplexity over dense relative to "
+                      "SparseGPT's (below 1: loses less), mean relative layer error ratio and prune time ratio", "",
+                  "| setting | variant | " + " | ".join(f"{c}: (APT - dense) / (SparseGPT - dense)" for c in corpora)
+                  + " | layer error / SparseGPT | prune time / SparseGPT |", "|---|---|" + "---|" * (len(corpora) + 2)]
+        for k, a in pairs:
+            g = runs[f"sparsegpt@{a['sparsity']}"]
             cells = " | ".join(f"{(a['ppl'][c] - dense[c]) / (g['ppl'][c] - dense[c]):.3f}" for c in corpora)
-            lines.append(f"| {s} | {cells} | {a['mean_rel_layer_error'] / g['mean_rel_layer_error']:.3f} | "
+            lines.append(f"| {a['sparsity']} | {a['method']} | {cells} | "
+                         f"{a['mean_rel_layer_error'] / g['mean_rel_layer_error']:.3f} | "
                          f"{a['prune_wall_time_s'] / g['prune_wall_time_s']:.2f} |")
     return "\n".join(lines)
 
