@@ -63,7 +63,6 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
     Hn = (H.to(dt) / s[:, None]) / s[None, :]
     B = W.to(dt) * s
     BH = B @ Hn
-    eye = torch.eye(Hn.shape[0], dtype=dt, device=Hn.device)
     L, L_rho = None, None
     Z = B * project(B, keep, scope=scope, n=n, m=m)
     U = torch.zeros_like(B)
@@ -72,7 +71,10 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
     rose, moved_once, it, change = False, False, 0, 1.0
     for it in range(1, max_iter + 1):
         if rho != L_rho:  # ρ changes at most once per check: one Cholesky factor serves those iterations
-            L, L_rho = torch.linalg.cholesky(Hn + rho * eye), rho
+            L = None  # the old factor goes before the new one is made
+            L = Hn.clone()
+            L.diagonal().add_(rho)
+            L, L_rho = torch.linalg.cholesky(L, out=L), rho
         Bp = torch.cholesky_solve((BH + rho * (Z - U)).t(), L).t()
         V = Bp + U
         sel = project(V, keep, scope=scope, n=n, m=m)
