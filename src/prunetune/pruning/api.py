@@ -91,17 +91,17 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
     out_path = Path(out).expanduser().resolve()
     partial = partial_dir_for(out_path)
     state_file = partial / RESUME / JOURNAL
+    if resume:
+        if out_path.exists() and not overwrite:
+            raise PrunetuneError(f"output directory '{out_path}' already exists (use --overwrite to replace it)")
+        if not state_file.is_file():
+            raise PrunetuneError(f"nothing to resume: no interrupted run for '{out_path}'")
+    else:
+        check_output_dir(out_path, overwrite=overwrite, inputs=(src.path if src.kind != "hub" else None,))
     with run_lock(out_path):  # held until the run ends: a second run into the same --out refuses to start
-        if resume:
-            if out_path.exists() and not overwrite:
-                raise PrunetuneError(f"output directory '{out_path}' already exists (use --overwrite to replace it)")
-            if not state_file.is_file():
-                raise PrunetuneError(f"nothing to resume: no interrupted run for '{out_path}'")
-        else:
-            check_output_dir(out_path, overwrite=overwrite, inputs=(src.path if src.kind != "hub" else None,))
-            if partial.exists():
-                log.info("removing the leftovers of an earlier interrupted run: %s", partial)
-                shutil.rmtree(partial)
+        if not resume and partial.exists():
+            log.info("removing the leftovers of an earlier interrupted run: %s", partial)
+            shutil.rmtree(partial)
 
         if src.kind == "local":
             preflight(src.path)  # an unsupported model is said before any weight is read

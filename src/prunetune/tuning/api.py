@@ -200,8 +200,8 @@ def tune(model=None, *, method: str, data, out, merge: bool = False, teacher: st
     from accelerate import PartialState
 
     main = PartialState(cpu=tcfg.device == "cpu").is_main_process  # under `accelerate launch`: rank 0 writes
-    with run_lock(out) if main else nullcontext():  # a second run into the same `out` refuses to start
-        out_path, partial, resumed_from = _open_run(out, resume, overwrite, src)
+    out_path, partial, resumed_from = _open_run(out, resume, overwrite, src)
+    with run_lock(out_path) if main else nullcontext():  # a second run into the same `out` refuses to start
         t_start, t0 = time.time(), time.perf_counter()
         reset_peak_rss()  # report this job's own peak
         if torch.cuda.is_available():
