@@ -4,7 +4,8 @@
     python benchmarks/prune_smollm2.py --nsamples 128 --seqlen 512 --ppl-windows 0 \
         --settings 0.5 0.6 0.7 2:4 4:8 --out benchmarks/results/prune_smollm2.json
 
-Every run prunes the same model with the same calibration windows (C4 validation, seed 0), then scores
+Every run prunes the same model with the same calibration windows (C4 validation, seed 0; ``--calib`` picks
+another corpus, e.g. ``tinystories`` to score every corpus out of the calibration domain), then scores
 WikiText-2 (test file as is) and C4 (validation docs joined) perplexity with 512-token non-overlapping
 windows (``--ppl-windows N`` keeps the first N windows of each corpus; 0 = all). Results are appended as
 they finish, so a killed benchmark continues where it stopped. ``--markdown`` prints the table.
@@ -37,6 +38,7 @@ def main():
     ap.add_argument("--methods", nargs="*", default=["magnitude", "wanda", "sparsegpt", "apt"],
                     help=f"methods, or the variants {', '.join(VARIANTS)}")
     ap.add_argument("--settings", nargs="*", default=["0.5", "0.6", "0.7", "2:4", "4:8"])
+    ap.add_argument("--calib", default="c4", help="calibration corpus (c4, wikitext2, tinystories or a text file)")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ppl-windows", type=int, default=0)
@@ -58,7 +60,7 @@ def main():
 
         fetch(Path(a.model))
     res = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
-    res["protocol"] = {"model": a.model, "calibration": f"c4 validation, {a.nsamples} x {a.seqlen} tokens, seed 0 "
+    res["protocol"] = {"model": a.model, "calibration": f"{a.calib}, {a.nsamples} x {a.seqlen} tokens, seed 0 "
                                                          f"(magnitude, which uses no data: {a.magnitude_nsamples} x {a.seqlen}, "
                                                          "for its layer errors only)",
                        "perplexity": f"{', '.join(a.corpora)}; 512-token non-overlapping windows"
@@ -90,7 +92,7 @@ def main():
             d = Path(a.work) / key.replace(":", "of").replace("@", "-")
             ns = a.magnitude_nsamples if method == "magnitude" else a.nsamples
             name, opts, extra = VARIANTS.get(method, (method, {}, {}))
-            rep = pt.prune(a.model, method=name, sparsity=setting, out=d, calib="c4", nsamples=ns,
+            rep = pt.prune(a.model, method=name, sparsity=setting, out=d, calib=a.calib, nsamples=ns,
                            seqlen=a.seqlen, seed=0, overwrite=True, device="cpu", method_opts=opts or None, **extra)
             t = time.time()
             ppl = {c: r["ppl"] for c, r in ppl_all(d, a.corpora, a.ppl_windows).items()}
@@ -106,8 +108,10 @@ def main():
 
 #: method variants: name -> (method, method options, other prune arguments); "-owl": OWL's per-layer sparsity
 #: (default lambda 0.08, M 5)
-VARIANTS = {"apt-admm": ("apt", {"select": "admm"}, {}), "sparsegpt-owl": ("sparsegpt", {}, {"owl": True}),
-            "apt-owl": ("apt", {}, {"owl": True}), "apt-admm-owl": ("apt", {"select": "admm"}, {"owl": True})}
+VARIANTS = {"apt-admm": ("apt", {"select": "admm"}, {}), "apt-sparsegpt": ("apt", {"select": "sparsegpt"}, {}),
+            "sparsegpt-owl": ("sparsegpt", {}, {"owl": True}), "apt-owl": ("apt", {}, {"owl": True}),
+            "apt-admm-owl": ("apt", {"select": "admm"}, {"owl": True}),
+            "apt-sparsegpt-owl": ("apt", {"select": "sparsegpt"}, {"owl": True})}
 
 
 def markdown(res: dict) -> str:

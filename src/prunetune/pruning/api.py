@@ -22,7 +22,7 @@ from ..manifest import machine, measure, peak_rss_mb, versions
 from ..models import get_adapter
 from ..models.discover import preflight
 from .masks import parse_sparsity
-from .methods import get_method
+from .methods import check_options, get_method
 from .owl import outlier_ratios, owl_layer_specs
 from .activations import JOURNAL, ActivationCache, Slot, parse_budget, read_journal
 from .sequential import DriverConfig, LayerResult, sequential_prune
@@ -79,6 +79,7 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
         raise PrunetuneError(f"--damp must be non-negative (got {damp})")
     if owl and spec.kind != "unstructured":
         raise PrunetuneError("--owl sets per-layer unstructured sparsity; it cannot be combined with N:M")
+    check_options(pm, spec, dict(method_opts or {}), damp=damp, blocksize=blocksize)
     device = _device(device)
     torch_dtype = parse_dtype(dtype)
     if compute_dtype == "auto":

@@ -22,7 +22,7 @@ from typing import Callable
 
 from ...errors import PrunetuneError
 
-__all__ = ["PruneMethod", "register", "get_method", "available", "reject_unknown_opts"]
+__all__ = ["PruneMethod", "register", "get_method", "available", "reject_unknown_opts", "check_options"]
 
 
 NEEDS = ("hessian", "norms", "none")
@@ -78,6 +78,27 @@ def reject_unknown_opts(method: str, opts: dict, allowed) -> None:
         bad = ", ".join(f"'{k}'" for k in sorted(opts))
         ok = ", ".join(sorted(allowed)) or "none"
         raise PrunetuneError(f"method '{method}' does not take option(s) {bad} (it takes: {ok})")
+
+
+def check_options(method: PruneMethod, spec, opts: dict, *, damp: float, blocksize: int) -> None:
+    """Run ``method`` once with the user's options on a tiny synthetic layer of the asked sparsity kind, so that
+    an option it does not take, a value out of range or a scheme that does not fit the sparsity is one clear
+    error before any weight of the model is read (the methods themselves are the one place that validates)."""
+    import torch
+
+    cols = spec.m * 8 if spec.is_nm else 32
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(4, cols, generator=g)
+    X = torch.randn(cols, 4 * cols, generator=g)
+    stat = {"hessian": 2 * X @ X.T / X.shape[1], "norms": X.square().sum(1), "none": None}[method.needs]
+    try:
+        method.fn(W, stat, spec, damp=damp, blocksize=blocksize, **opts)
+    except PrunetuneError:
+        raise
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:  # e.g. a value of the wrong type
+        shown = ", ".join(f"{k}={v}" for k, v in opts.items()) or "defaults"
+        raise PrunetuneError(f"{method.name}: options {shown} (damp={damp}, blocksize={blocksize}) do not work: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def _discover() -> None:

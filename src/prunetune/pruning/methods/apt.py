@@ -18,28 +18,32 @@ float32 (rows that do not converge fall back to the direct solve).
 
 Mask selection (option ``select``):
 
-* ``"sparsegpt"`` (default) — the mask SparseGPT's sequential procedure chooses (it adapts the mask to
-  the weights already updated, block by block), with every kept weight then moved towards the optimum for
-  that mask. **Approximate**: the solve is CG on ``H_KK`` started from SparseGPT's own weights (`warm_solve`),
-  stopped once the estimated gain still to come is below 0.1% of a row's error; measured on 20 real SmolLM2
-  linears (``benchmarks/apt_layers.py``, 70% and 2:4) the layer error ends 0.2% above the exact optimum on
-  average and 0.9% at worst, for 2.5-3.0x SparseGPT's time (``solver="direct"``: exact, 4-17x). Rows keep
-  SparseGPT's weights wherever the re-solve would not lower the error under both the dampened H (the one every solve minimises) and the
-  caller's undampened H (the reported layer error): APT's layer error is ≤ SparseGPT's by construction.
+* ``"admm"`` (default) — the mask found by ADMM over weights and support (``pruning/admm.py``, the scheme of
+  ALPS): unstructured over the whole matrix (``admm_scope="matrix"``, default: exactly the asked share of the
+  matrix, rows differ) or per row (``"row"``), N:M per group; then the exact refit on that support
+  (`exact_solve`: batched Cholesky for systems of at most 512 weights, else PCG started from ADMM's last
+  iterate to a relative residual of 1e-6, rows that do not converge solved directly). **Exact**: on real
+  SmolLM2 layers the float32 result is within 1e-7 of the float64 direct optimum for its mask (tested at
+  1e-4 on correlated synthetic layers). If the layer's total (dampened) error is not below SparseGPT's, the
+  layer falls back to ``"sparsegpt"`` below, so the layer error stays ≤ SparseGPT's. ``admm_iter`` bounds the
+  iterations (default 300; it stops at 30-40, when the support no longer moves). On SmolLM2 layers: 15-18%
+  less layer error than ``"sparsegpt"`` at 50-70% and 9% at 2:4, for ~10-19x SparseGPT's method time on CPU
+  (``benchmarks/apt_layers.py``; BENCHMARKS.md §1 has the end-to-end numbers).
+* ``"sparsegpt"`` — the mask SparseGPT's sequential procedure chooses (it adapts the mask to the weights
+  already updated, block by block), with every kept weight then moved towards the optimum for that mask.
+  **Approximate**: the solve is CG on ``H_KK`` started from SparseGPT's own weights (`warm_solve`), stopped
+  once the estimated gain still to come is below 0.1% of a row's error; measured on 20 real SmolLM2 linears
+  (``benchmarks/apt_layers.py``, 70% and 2:4) the layer error ends 0.2% above the exact optimum on average and
+  0.9% at worst, for 2.5-3.0x SparseGPT's time (``solver="direct"``: exact, 4-17x). Rows keep SparseGPT's
+  weights wherever the re-solve would not lower the error under both the dampened H (the one every solve
+  minimises) and the caller's undampened H (the reported layer error): APT's layer error is ≤ SparseGPT's by
+  construction. The fast choice.
 * ``"obs"`` — unstructured: per row, the lowest saliency ``w_j² / [H⁻¹]_jj`` (optionally over ``rounds``
   rounds: each round removes a further share of the weights, ranked by the saliency of the current optimal
   weights w.r.t. the inverse Hessian of the surviving inputs). N:M: in each group of M columns, the subset
   ``P`` of size ``M − N`` minimising ``L(P)`` restricted to the group (all C(M, M−N) subsets, vectorised).
-* ``"best"`` — both masks solved exactly; per row the lowest error wins, under the same guard. Several
-  times slower; on the layers measured so far the OBS mask rarely wins a row.
-* ``"admm"`` — the mask found by ADMM over weights and support (``pruning/admm.py``, the scheme of ALPS):
-  unstructured over the whole matrix (``admm_scope="matrix"``, default: exactly the asked share of the matrix,
-  rows differ) or per row (``"row"``), N:M per group; then the exact refit on that support (`exact_solve`:
-  batched Cholesky, or PCG to a relative residual of 1e-6 with non-converged rows solved directly). If the
-  layer's total (dampened) error is not below SparseGPT's, the layer falls back to the default path, so the
-  layer error stays ≤ SparseGPT's. ``admm_iter`` bounds the iterations (default 300; it usually stops at
-  30-40, when the support no longer moves). 15-19x SparseGPT's time per layer on SmolLM2 (CPU), for 15-18%
-  less layer error than the default at 50-70% and 9% at 2:4 (``benchmarks/apt_layers.py``).
+* ``"best"`` — the OBS and SparseGPT masks both solved exactly; per row the lowest error wins, under the
+  same guard. Several times slower; on the layers measured so far the OBS mask rarely wins a row.
 """
 
 from __future__ import annotations
@@ -179,7 +183,7 @@ _DIRECT_MAX = 512
 
 def exact_solve(W: Tensor, H: Tensor, mask: Tensor, *, Hinv: Tensor | None = None, form: str = "auto",
                 chunk_rows: int | None = None, solver: str = "auto", tol: float | None = None,
-                maxiter: int = 300) -> Tensor:
+                maxiter: int = 300, x0: Tensor | None = None) -> Tensor:
     """Optimal weights for a fixed removal mask: per row ``ŵ_K = w H_{:,K} (H_KK)⁻¹``, ``ŵ_P = 0``.
 
     ``H`` is the (already dampened, positive definite) Hessian; ``mask`` True = removed. Rows may have
@@ -188,7 +192,9 @@ def exact_solve(W: Tensor, H: Tensor, mask: Tensor, *, Hinv: Tensor | None = Non
     ``solver``: "direct" — batched Cholesky on ``(rows, s, s)`` gathered systems, ``s = min(|P|, |K|)``,
     ``form`` "auto" (smaller system), "K" or "P"; "cg" — preconditioned conjugate gradients shared by all
     rows to a relative residual ``tol`` (default 1e-6 in float32, 1e-12 in float64), rows that do not
-    converge within ``maxiter`` are re-solved directly; "auto" — direct when ``s <= 512``, else cg.
+    converge within ``maxiter`` are re-solved directly; "auto" — direct when ``s <= 512``, else cg. ``x0``: a
+    start for cg (e.g. ADMM's last iterate: on SmolLM2 layers ~35% fewer iterations and a float32 result
+    within 1e-7 of the float64 optimum instead of up to 1.3e-4 from a cold start).
     """
     if form not in ("auto", "K", "P"):
         raise ValueError(f"form must be 'auto', 'K' or 'P' (got {form!r})")
@@ -206,7 +212,8 @@ def exact_solve(W: Tensor, H: Tensor, mask: Tensor, *, Hinv: Tensor | None = Non
         step = max(1, (1 << 24) // max(1, cols))
         for r0 in range(0, rows, step):
             sl = slice(r0, r0 + step)
-            x, ok = _pcg_solve(W[sl], H, Hinv, mask[sl], tol, maxiter)
+            x, ok = _pcg_solve(W[sl], H, Hinv, mask[sl], tol, maxiter,
+                               x0=None if x0 is None else x0[sl].to(W.dtype))
             if not bool(ok.all()):
                 bad = (~ok).nonzero().squeeze(1)
                 x[bad] = exact_solve(W[sl][bad], H, mask[sl][bad], Hinv=Hinv, form=form, solver="direct")
@@ -327,7 +334,7 @@ SELECTS = ("sparsegpt", "obs", "best", "admm")
 
 
 def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, blocksize: int = 128,
-              select: str = "sparsegpt", rounds: int = 1, chunk_rows: int | None = None, solver: str = "auto",
+              select: str = "admm", rounds: int = 1, chunk_rows: int | None = None, solver: str = "auto",
               maxiter: int = 200, admm_scope: str = "matrix", admm_iter: int = 300) -> Tensor:
     """See module docstring; returns the new weight."""
     if select not in SELECTS:
@@ -358,14 +365,14 @@ def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, b
     prep = prepare_hessian(H, W, damp, upper_inverse=select != "obs")
     W0 = prep.W
 
-    def solve(mask):
-        out = exact_solve(W0, prep.H, mask, Hinv=Hinv, chunk_rows=chunk_rows, solver=solver)
+    def solve(mask, x0=None):
+        out = exact_solve(W0, prep.H, mask, Hinv=Hinv, chunk_rows=chunk_rows, solver=solver, x0=x0)
         out[:, prep.dead] = 0.0
         return out
 
     need_obs = select in ("obs", "best")
     Hinv = prep.inverse() if need_obs else None
-    W_admm = solve(_admm_mask(W0, prep, spec, admm_scope, admm_iter)) if select == "admm" else None
+    W_admm = solve(*_admm_mask(W0, prep, spec, admm_scope, admm_iter)) if select == "admm" else None
     if need_obs:
         if spec.is_nm:
             obs_mask = _obs_mask_nm(W0, Hinv, spec.n, spec.m, chunk_rows)
@@ -399,31 +406,38 @@ def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, b
     return best
 
 
-def _admm_mask(W0: Tensor, prep: PreparedHessian, spec: SparsitySpec, scope: str, max_iter: int) -> Tensor:
-    """The ADMM support for ``spec`` (True = removed), dead inputs removed as well."""
+def _admm_mask(W0: Tensor, prep: PreparedHessian, spec: SparsitySpec, scope: str,
+               max_iter: int) -> tuple[Tensor, Tensor]:
+    """The ADMM support for ``spec`` (True = removed, dead inputs removed as well) and ADMM's last iterate
+    (the start of the refit's CG)."""
     from ..admm import admm_mask
 
     rows, cols = W0.shape
     if spec.is_nm:
-        mask, _, _ = admm_mask(W0, prep.H, n=spec.n, m=spec.m, max_iter=max_iter)
+        mask, last, _ = admm_mask(W0, prep.H, n=spec.n, m=spec.m, max_iter=max_iter)
     else:
         keep = (rows * cols - num_pruned(rows * cols, spec.sparsity) if scope == "matrix"
                 else cols - num_pruned(cols, spec.sparsity))
-        mask, _, _ = admm_mask(W0, prep.H, keep=keep, scope=scope, max_iter=max_iter)
-    return mask | prep.dead
+        mask, last, _ = admm_mask(W0, prep.H, keep=keep, scope=scope, max_iter=max_iter)
+    return mask | prep.dead, last
 
 
 @register("apt")
 def apt(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, blocksize: int = 128, **opts) -> Tensor:
     """APT: optimal multiple removal — exact least-squares update of all kept weights for the chosen mask.
 
-    Options: ``select`` = "sparsegpt" (default: SparseGPT's mask, weights re-solved by CG to within ~0.2% of
-    the optimum, never worse than SparseGPT), "obs", "best" or "admm" (``admm_scope`` "matrix" | "row",
-    ``admm_iter``); ``rounds`` (unstructured "obs" selection, default 1); ``chunk_rows`` (rows per
+    Options: ``select`` = "admm" (default: the mask searched by ADMM, ``admm_scope`` "matrix" | "row",
+    ``admm_iter``, then refit exactly; a layer where it loses to SparseGPT falls back to "sparsegpt"),
+    "sparsegpt" (SparseGPT's mask, weights re-solved by CG to within ~0.2% of the optimum, never worse than
+    SparseGPT: the fast choice), "obs" or "best"; ``rounds`` (unstructured "obs" selection, default 1); ``chunk_rows`` (rows per
     batched direct solve); ``solver`` = "auto" (default: warm-started CG for SparseGPT's mask, batched Cholesky
     or shared PCG by size for the OBS mask), "direct" or "cg" (see `exact_solve`); ``maxiter`` (CG iterations,
     default 200); ``damp``; ``blocksize`` (for SparseGPT's mask).
     """
     allowed = {"select", "rounds", "chunk_rows", "solver", "maxiter", "admm_scope", "admm_iter"}
     reject_unknown_opts("apt", {k: v for k, v in opts.items() if k not in allowed}, sorted(allowed))
+    if spec.is_nm and opts.get("admm_scope", "matrix") != "matrix":
+        raise PrunetuneError(f"apt: admm_scope='{opts['admm_scope']}' applies to unstructured sparsity only (got {spec})")
+    if spec.is_nm and "rounds" in opts and str(opts["rounds"]) != "1":
+        raise PrunetuneError(f"apt: rounds applies to unstructured sparsity only (got {spec})")
     return apt_prune(W, H, spec, damp=damp, blocksize=blocksize, **opts)

@@ -118,4 +118,6 @@ def sparsegpt(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, b
     ``row``, exactly ``round(sparsity · in)`` zeros in every row).
     """
     reject_unknown_opts("sparsegpt", opts, [])
+    if spec.is_nm and mask_scope != "block":
+        raise PrunetuneError(f"sparsegpt: mask_scope='{mask_scope}' applies to unstructured sparsity only (got {spec})")
     return sparsegpt_prune(W, H, spec, damp=damp, blocksize=blocksize, mask_scope=mask_scope, keep_prepared=False)[0]
