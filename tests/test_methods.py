@@ -414,6 +414,25 @@ def test_apt_default_float32_refit_is_exact_for_its_mask(sp, inn):
     assert e_exact <= e_out * (1 + 1e-9) and e_out <= (1 + 1e-4) * e_exact, (e_out / e_exact - 1)
 
 
+def test_admm_projection_with_the_last_threshold_keeps_the_same_set():
+    """The matrix-scope projection started from the previous threshold (a band around it, or the full selection
+    when the band misses) keeps exactly the entries a plain selection keeps, ties to the earlier position."""
+    from prunetune.pruning.admm import project
+    from prunetune.pruning.masks import _lowest_mask
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 64, generator=g)
+    X[3, :10] = X[5, 7] = X[0, 0]  # ties at whatever threshold falls there
+    X.view(-1)[::97] = 0.5
+    for keep in (1, 700, 1280, 2000, 2559):
+        plain = ~_lowest_mask(X.abs().reshape(-1), X.numel() - keep).view_as(X)
+        for hint in (None, 0.5, float(X.abs().reshape(-1).kthvalue(X.numel() - keep).values), 1e-3, 10.0):
+            state = {} if hint is None else {"t": hint}
+            got = project(X, keep, state=state)
+            assert torch.equal(got, plain), (keep, hint)
+            assert int(got.sum()) == keep and "t" in state
+
+
 def test_apt_admm_that_loses_to_sparsegpt_falls_back_to_sparsegpts_mask_resolved(monkeypatch):
     """A layer whose ADMM support ends worse than SparseGPT gets SparseGPT's mask re-solved: never above
     SparseGPT."""

@@ -28,12 +28,43 @@ from .masks import _lowest_mask
 SCOPES = ("matrix", "row")
 
 
-def project(X: Tensor, keep: int | None, *, scope: str = "matrix", n: int = 0, m: int = 0) -> Tensor:
+def _drop_flat(a: Tensor, drop: int, state: dict | None) -> Tensor:
+    """True for the ``drop`` smallest entries of the 1-D ``a``, ties to the earlier position (the set of
+    `masks._lowest_mask`). The threshold of the previous call (``state["t"]``) is a good guess: the k-th
+    value is then selected among the entries of a narrow band around it, not among all of them — at a 7B
+    MLP's 45M entries that avoids the full selection's value and int64 index copies (~0.5 GB) and on a
+    SmolLM2 layer halves the projection's time. Same mask either way."""
+    t = None
+    hint = state.get("t") if state is not None else None
+    if hint is not None and hint > 0:
+        for width in (0.02, 0.2):
+            lo, hi = hint * (1 - width), hint * (1 + width)
+            n_lo = int((a < lo).sum())
+            if n_lo < drop:
+                band = (a >= lo) & (a <= hi)
+                if n_lo + int(band.sum()) >= drop:
+                    t = a[band].kthvalue(drop - n_lo).values
+                    break
+    if t is None:
+        t = a.kthvalue(drop).values
+    if state is not None:
+        state["t"] = float(t)
+    less = a < t
+    eq = a == t
+    need = drop - int(less.sum())
+    if int(eq.sum()) == need:  # no tie beyond the threshold's own entries: no running count needed
+        return less | eq
+    return less | (eq & (eq.cumsum(0) <= need))
+
+
+def project(X: Tensor, keep: int | None, *, scope: str = "matrix", n: int = 0, m: int = 0,
+            state: dict | None = None) -> Tensor:
     """Boolean mask of the entries kept by the magnitude projection onto the sparsity set (True = kept).
 
     Unstructured: the ``keep`` largest ``|X|`` of the matrix (``scope="matrix"``) or ``keep`` per row
     (``scope="row"``), found by selection (``kthvalue``, ties to the earlier position: ~2x faster than
-    ``topk`` on a whole matrix, and it runs once per iteration); N:M (``n`` kept of every ``m`` consecutive
+    ``topk`` on a whole matrix, and it runs once per iteration; over the matrix, ``state`` carries the last
+    threshold from one call to the next, see `_drop_flat`); N:M (``n`` kept of every ``m`` consecutive
     inputs): the ``n`` largest of each group."""
     a = X.abs()
     if m:
@@ -46,7 +77,9 @@ def project(X: Tensor, keep: int | None, *, scope: str = "matrix", n: int = 0, m
         return torch.ones_like(a, dtype=torch.bool)
     if keep <= 0:
         return torch.zeros_like(a, dtype=torch.bool)
-    return ~_lowest_mask(a if scope == "row" else a.reshape(-1), drop).view_as(a)
+    if scope == "row":
+        return ~_lowest_mask(a, drop)
+    return ~_drop_flat(a.reshape(-1), drop, state).view_as(a)
 
 
 def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "matrix", n: int = 0, m: int = 0,
@@ -64,7 +97,8 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
     B = W.to(dt) * s
     BH = B @ Hn
     L, L_rho = None, None
-    Z = B * project(B, keep, scope=scope, n=n, m=m)
+    state: dict = {}  # the projection's last threshold (matrix scope)
+    Z = B * project(B, keep, scope=scope, n=n, m=m, state=state)
     U = torch.zeros_like(B)
     supp = Z != 0
     kept = int(supp.sum()) or 1
@@ -77,7 +111,7 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
             L, L_rho = torch.linalg.cholesky(L, out=L), rho
         Bp = torch.cholesky_solve((BH + rho * (Z - U)).t(), L).t()
         V = Bp + U
-        sel = project(V, keep, scope=scope, n=n, m=m)
+        sel = project(V, keep, scope=scope, n=n, m=m, state=state)
         Z = V * sel
         U = V - Z
         if it % check == 0:
@@ -94,7 +128,7 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
                 rho *= 1.1
             elif not rose and not moved_once and rho > 1e-6:
                 rho /= 5  # ρ too large from the start: the support is frozen at the first projection
-                Z = B * project(B, keep, scope=scope, n=n, m=m)
+                Z = B * project(B, keep, scope=scope, n=n, m=m, state=state)
                 U = torch.zeros_like(B)
                 continue
             rho = min(rho, 1e6)
