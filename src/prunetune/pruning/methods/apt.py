@@ -205,8 +205,9 @@ def exact_solve(W: Tensor, H: Tensor, mask: Tensor, *, Hinv: Tensor | None = Non
     p_all = mask.sum(1)
     s_max = int(torch.minimum(p_all, cols - p_all).max()) if rows else 0
     if solver == "cg" or (solver == "auto" and s_max > _DIRECT_MAX):
-        if Hinv is None:
-            Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H.double())).to(W.dtype)
+        if Hinv is None:  # only a preconditioner here: the working dtype is enough (one in × in at a time)
+            Hinv = torch.linalg.cholesky(H)
+            Hinv = torch.cholesky_inverse(Hinv)
         tol = tol if tol is not None else (1e-12 if W.dtype == torch.float64 else 1e-6)
         out = W.clone()
         step = max(1, (1 << 24) // max(1, cols))
@@ -216,7 +217,7 @@ def exact_solve(W: Tensor, H: Tensor, mask: Tensor, *, Hinv: Tensor | None = Non
                                x0=None if x0 is None else x0[sl].to(W.dtype))
             if not bool(ok.all()):
                 bad = (~ok).nonzero().squeeze(1)
-                x[bad] = exact_solve(W[sl][bad], H, mask[sl][bad], Hinv=Hinv, form=form, solver="direct")
+                x[bad] = exact_solve(W[sl][bad], H, mask[sl][bad], form="K", solver="direct")  # H alone: exact
             out[sl] = x.masked_fill(mask[sl], 0.0)
         return out
     out = W.clone()
@@ -372,7 +373,21 @@ def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, b
 
     need_obs = select in ("obs", "best")
     Hinv = prep.inverse() if need_obs else None
-    W_admm = solve(*_admm_mask(W0, prep, spec, admm_scope, admm_iter)) if select == "admm" else None
+    if select == "admm":
+        # SparseGPT first, for the error to beat; then only what ADMM and the refit need is kept (its weights
+        # and the inverse factor are dropped and remade in the rare layer that falls back): at a 7B down_proj
+        # that is two 11008² matrices and a weight fewer at ADMM's peak
+        W_sg, _, _ = sparsegpt_prune(W, H, spec, damp=damp, blocksize=blocksize, prepared=prep)
+        e_sg = float(_row_err(W0, W_sg, prep.H).sum())
+        del W_sg
+        prep.U = None
+        W_admm = solve(*_admm_mask(W0, prep, spec, admm_scope, admm_iter))
+        e_admm = float(_row_err(W0, W_admm, prep.H).sum())
+        if math.isfinite(e_admm) and e_admm <= e_sg:
+            return W_admm
+        del W_admm  # the whole layer as with select="sparsegpt"
+        prep = prepare_hessian(H, W, damp, upper_inverse=True)
+        W0 = prep.W
     if need_obs:
         if spec.is_nm:
             obs_mask = _obs_mask_nm(W0, Hinv, spec.n, spec.m, chunk_rows)
@@ -382,10 +397,6 @@ def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, b
         if select == "obs":
             return W_obs
     W_sg, sg_mask, _ = sparsegpt_prune(W, H, spec, damp=damp, blocksize=blocksize, prepared=prep)
-    if W_admm is not None:  # the whole layer on ADMM's support, unless it loses to SparseGPT (then as by default)
-        e_admm, e_sg = float(_row_err(W0, W_admm, prep.H).sum()), float(_row_err(W0, W_sg, prep.H).sum())
-        if math.isfinite(e_admm) and e_admm <= e_sg:
-            return W_admm
     if solver == "auto":  # CG from SparseGPT's own weights: the exact optimum for its mask, at GEMM speed
         W_ex = warm_solve(W0, prep.H, sg_mask | prep.dead, W_sg, maxiter=int(maxiter))
     else:
