@@ -435,13 +435,15 @@ def test_admm_projection_keeps_the_same_set_as_a_full_selection(shape):
 
 
 def test_apt_admm_that_loses_to_sparsegpt_falls_back_to_sparsegpts_mask_resolved(monkeypatch):
-    """A layer whose ADMM support ends worse than SparseGPT gets SparseGPT's mask re-solved: never above
+    """A layer whose ADMM support ends worse than SparseGPT gets SparseGPT's mask refit exactly: never above
     SparseGPT."""
     from prunetune.pruning.methods import apt as apt_module
 
     W, _, H = problem(13, 32, 64, dtype=torch.float32)
     spec = parse_sparsity("0.5")
-    default = fn("apt")(W, H, spec, blocksize=16, select="sparsegpt")
+    default = fn("apt")(W, H, spec, blocksize=16, select="sparsegpt", solver="direct")
+    Hd = prepare_hessian(H, W, 0.01).H
+    assert layer_error(W, default, Hd) <= layer_error(W, fn("sparsegpt")(W, H, spec, blocksize=16), Hd)
     # a support that removes the largest weights of every row instead of the smallest
     worst = lambda W0, prep, spec, scope, it: (W0.abs() >= W0.abs().median(dim=1, keepdim=True).values, W0)  # noqa: E731
     monkeypatch.setattr(apt_module, "_admm_mask", worst)

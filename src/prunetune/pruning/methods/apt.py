@@ -25,7 +25,7 @@ Mask selection (option ``select``):
   iterate to a relative residual of 1e-6, rows that do not converge solved directly). **Exact**: on real
   SmolLM2 layers the float32 result is within 1e-7 of the float64 direct optimum for its mask (tested at
   1e-4 on correlated synthetic layers). If the layer's total (dampened) error is not below SparseGPT's, the
-  layer falls back to ``"sparsegpt"`` below, so the layer error stays ≤ SparseGPT's. ``admm_iter`` bounds the
+  layer takes SparseGPT's mask instead, refit exactly the same way (never above SparseGPT's error). ``admm_iter`` bounds the
   iterations (default 300; it stops at 30-40, when the support no longer moves). On SmolLM2 layers: 15-18%
   less layer error than ``"sparsegpt"`` at 50-70% and 9% at 2:4, for ~10-19x SparseGPT's method time on CPU
   (``benchmarks/apt_layers.py``; BENCHMARKS.md §1 has the end-to-end numbers).
@@ -385,7 +385,7 @@ def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, b
         e_admm = float(_row_err(W0, W_admm, prep.H).sum())
         if math.isfinite(e_admm) and e_admm <= e_sg:
             return W_admm
-        del W_admm  # the whole layer as with select="sparsegpt"
+        del W_admm  # the whole layer on SparseGPT's mask, refit exactly (CG from SparseGPT's weights)
         prep = prepare_hessian(H, W, damp, upper_inverse=True)
         W0 = prep.W
     if need_obs:
@@ -397,10 +397,10 @@ def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, b
         if select == "obs":
             return W_obs
     W_sg, sg_mask, _ = sparsegpt_prune(W, H, spec, damp=damp, blocksize=blocksize, prepared=prep)
-    if solver == "auto":  # CG from SparseGPT's own weights: the exact optimum for its mask, at GEMM speed
+    if select == "sparsegpt" and solver == "auto":  # CG from SparseGPT's weights, stopped at an estimated 0.1% gain
         W_ex = warm_solve(W0, prep.H, sg_mask | prep.dead, W_sg, maxiter=int(maxiter))
-    else:
-        W_ex = solve(sg_mask)
+    else:  # exact (an ADMM layer that fell back keeps the default's exactness)
+        W_ex = solve(sg_mask, W_sg)
     # per row, the lowest error among the candidates, and only where it is <= SparseGPT's own row under both
     # the dampened H (the one every solve minimises) and the caller's undampened H (the reported layer error)
     cands = [W_obs, W_ex] if need_obs else [W_ex]
