@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""In and out of the calibration domain on the bundled stories260K: SparseGPT, APT's default and APT with the
-ADMM mask, calibrated on TinyStories, scored on TinyStories (in domain) and WikiText-2 (another domain).
+"""In and out of the calibration domain on the bundled stories260K: SparseGPT, APT with SparseGPT's mask
+re-solved and APT with the ADMM mask (the default), calibrated on TinyStories, scored on TinyStories (in
+domain) and WikiText-2 (another domain).
 
     python benchmarks/apt_ood_stories.py --out benchmarks/results/apt_ood_stories.json
 
@@ -22,7 +23,9 @@ import prunetune as pt  # noqa: E402
 from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
 from prunetune.paths import DEFAULT_MODEL  # noqa: E402
 
-VARIANTS = {"sparsegpt": ("sparsegpt", {}), "apt": ("apt", {}), "apt-admm": ("apt", {"select": "admm"})}
+#: "apt" in results made before APT's default became select="admm" is "apt-sparsegpt" here
+VARIANTS = {"sparsegpt": ("sparsegpt", {}), "apt-sparsegpt": ("apt", {"select": "sparsegpt"}),
+            "apt-admm": ("apt", {"select": "admm"})}
 
 
 def ppl(model, a) -> dict:
