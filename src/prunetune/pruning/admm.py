@@ -107,21 +107,23 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
     BH = B @ normalised()
     L, L_rho = None, None
     Z = B * project(B, keep, scope=scope, n=n, m=m)
-    del B  # four matrices of W's size live through the loop (BH, Z, U, B'), plus the solve's right-hand side
+    del B  # four matrices of W's size live through the loop (BH, Z, U, B') and the factor
     U = torch.zeros_like(Z)
     supp = Z != 0
     kept = int(torch.count_nonzero(supp)) or 1
-    rose, moved_once, it, change, Bp = False, False, 0, 1.0, None
+    rose, moved_once, it, change = False, False, 0, 1.0
+    Bp = torch.empty_like(Z)  # the right-hand side, solved in place into B'
     for it in range(1, max_iter + 1):
         if rho != L_rho:  # ρ changes at most once per check: one Cholesky factor serves those iterations
             L = None  # the old factor goes before the new one is made
             L = normalised()
             L.diagonal().add_(rho)
             L, L_rho = torch.linalg.cholesky(L, out=L), rho
-        rhs = torch.sub(Z, U).mul_(rho).add_(BH)
-        Bp = None
-        Bp = torch.cholesky_solve(rhs.t(), L).t()
-        del rhs
+        # B' (Ĥ + ρI) = B Ĥ + ρ (Z − U), i.e. B' L Lᵀ = rhs: two triangular solves from the right, in place
+        # (the same numbers as cholesky_solve, without its copies of the factor and the right-hand side)
+        torch.sub(Z, U, out=Bp).mul_(rho).add_(BH)
+        torch.linalg.solve_triangular(L.mT, Bp, upper=True, left=False, out=Bp)
+        torch.linalg.solve_triangular(L, Bp, upper=False, left=False, out=Bp)
         U.add_(Bp)  # U now holds V = B' + U
         sel = project(U, keep, scope=scope, n=n, m=m, scratch=Z)  # Z is overwritten next
         torch.mul(U, sel, out=Z)  # Z = Proj(V)
