@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Mask choice on real SmolLM2-135M layers: SparseGPT, APT with SparseGPT's mask re-solved and APT with the ADMM
-mask (the default), layer error on the calibration domain and on another one, and method time, same layers, same process.
+mask (the default), layer error on the calibration domain and on another one, and method time, same layers,
+same process.
 
     python benchmarks/apt_layers.py --settings 0.7 2:4 0.5 --out benchmarks/results/apt_layers_smollm2.json
     python benchmarks/apt_layers.py --settings 0.7 2:4 0.5 --variants sparsegpt apt-sparsegpt apt-direct \

@@ -68,10 +68,10 @@ def project(X: Tensor, keep: int | None, *, scope: str = "matrix", n: int = 0, m
     """Boolean mask of the entries kept by the magnitude projection onto the sparsity set (True = kept).
 
     Unstructured: the ``keep`` largest ``|X|`` of the matrix (``scope="matrix"``) or ``keep`` per row
-    (``scope="row"``), found by selection (``kthvalue``, ties to the earlier position: ~2x faster than
-    ``topk`` on a whole matrix, and it runs once per iteration; over the matrix see `_drop_flat`); N:M (``n`` kept of every ``m`` consecutive
-    inputs): the ``n`` largest of each group. ``scratch``: a tensor like ``X`` whose contents may be
-    overwritten (it then holds ``|X|``), so that no new matrix is made."""
+    (``scope="row"``), found by selection (``kthvalue``, ties to the earlier position; over the matrix see
+    `_drop_flat`); N:M (``n`` kept of every ``m`` consecutive inputs): the ``n`` largest of each group.
+    ``scratch``: a tensor like ``X`` whose contents may be overwritten (it then holds ``|X|``), so that no
+    new matrix is made."""
     a = X.abs() if scratch is None else torch.abs(X, out=scratch)
     if m:
         rows, cols = a.shape

@@ -24,9 +24,10 @@ Mask selection (option ``select``):
   (`exact_solve`: batched Cholesky for systems of at most 512 weights, else PCG started from ADMM's last
   iterate to a relative residual of 1e-6, rows that do not converge solved directly). **Exact**: on 20 real
   SmolLM2 layers at 50%, 70% and 2:4 the float32 result is at most 2e-6 above the float64 direct optimum
-  for its mask, 1e-7 on average (tested at 1e-4 on correlated synthetic layers). If the layer's total (dampened) error is not below SparseGPT's, the
-  layer takes SparseGPT's mask instead, refit exactly the same way (never above SparseGPT's error). ``admm_iter`` bounds the
-  iterations (default 300; it stops at 30-40, when the support no longer moves). On SmolLM2 layers: 15-18%
+  for its mask, 1e-7 on average (tested at 1e-4 on correlated synthetic layers). If the layer's total
+  (dampened) error is not below SparseGPT's, the layer takes SparseGPT's mask instead, refit exactly the same
+  way (never above SparseGPT's error). ``admm_iter`` bounds the iterations (default 300; it stops at 30-40,
+  when the support no longer moves). On SmolLM2 layers: 15-18%
   less layer error than ``"sparsegpt"`` at 50-70% and 9% at 2:4, for 22-27x SparseGPT's method time on CPU
   (``benchmarks/apt_layers.py``; BENCHMARKS.md §1 has the end-to-end numbers).
 * ``"sparsegpt"`` — the mask SparseGPT's sequential procedure chooses (it adapts the mask to the weights
@@ -383,9 +384,9 @@ def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, b
     need_obs = select in ("obs", "best")
     Hinv = prep.inverse() if need_obs else None
     if select == "admm":
-        # SparseGPT first, for the error to beat; then only what ADMM and the refit need is kept (its weights
-        # and the inverse factor are dropped and remade in the rare layer that falls back): at a 7B down_proj
-        # that is two 11008² matrices and a weight fewer at ADMM's peak
+        # SparseGPT first, for the error to beat; its weights and H⁻¹'s factor are not held through ADMM
+        # (remade in the rare layer that falls back): at a 7B down_proj one 11008² matrix and a weight fewer
+        # at ADMM's peak
         W_sg, _, _ = sparsegpt_prune(W, H, spec, damp=damp, blocksize=blocksize, prepared=prep)
         e_sg = float(_row_err(W0, W_sg, prep.H).sum())
         del W_sg
@@ -447,17 +448,19 @@ def apt(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = 0.01, blocksi
     """APT: optimal multiple removal — exact least-squares update of all kept weights for the chosen mask.
 
     Options: ``select`` = "admm" (default: the mask searched by ADMM, ``admm_scope`` "matrix" | "row",
-    ``admm_iter``, then refit exactly; a layer where it loses to SparseGPT falls back to "sparsegpt"),
-    "sparsegpt" (SparseGPT's mask, weights re-solved by CG to within ~0.2% of the optimum, never worse than
-    SparseGPT: the fast choice), "obs" or "best"; ``rounds`` (unstructured "obs" selection, default 1); ``chunk_rows`` (rows per
-    batched direct solve); ``solver`` = "auto" (default: warm-started CG for SparseGPT's mask, batched Cholesky
-    or shared PCG by size for the OBS mask), "direct" or "cg" (see `exact_solve`); ``maxiter`` (CG iterations,
-    default 200); ``damp``; ``blocksize`` (for SparseGPT's mask).
+    ``admm_iter``, then refit exactly; a layer where it loses to SparseGPT takes SparseGPT's mask, refit
+    exactly), "sparsegpt" (SparseGPT's mask, weights re-solved by CG to within ~0.2% of the optimum, never worse
+    than SparseGPT: the fast choice), "obs" or "best"; ``rounds`` (unstructured "obs" selection, default 1);
+    ``chunk_rows`` (rows per batched direct solve); ``solver`` = "auto" (default: batched Cholesky or
+    warm-started PCG by size; for select="sparsegpt" the approximate CG above), "direct" or "cg" (see
+    `exact_solve`); ``maxiter`` (CG iterations of select="sparsegpt", default 200); ``damp``; ``blocksize``
+    (for SparseGPT's mask).
     """
     allowed = {"select", "rounds", "chunk_rows", "solver", "maxiter", "admm_scope", "admm_iter"}
     reject_unknown_opts("apt", {k: v for k, v in opts.items() if k not in allowed}, sorted(allowed))
     if spec.is_nm and opts.get("admm_scope", "matrix") != "matrix":
-        raise PrunetuneError(f"apt: admm_scope='{opts['admm_scope']}' applies to unstructured sparsity only (got {spec})")
+        raise PrunetuneError(f"apt: admm_scope='{opts['admm_scope']}' applies to unstructured sparsity only "
+                             f"(got {spec})")
     if spec.is_nm and "rounds" in opts and str(opts["rounds"]) != "1":
         raise PrunetuneError(f"apt: rounds applies to unstructured sparsity only (got {spec})")
     return apt_prune(W, H, spec, damp=damp, blocksize=blocksize, **opts)
