@@ -23,69 +23,77 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .masks import _lowest_mask
+from .masks import _lowest_mask, row_chunks
 
 SCOPES = ("matrix", "row")
 
 
-def _drop_flat(a: Tensor, drop: int) -> Tensor:
-    """True for the ``drop`` smallest entries of the 1-D ``a``, ties to the earlier position (the set of
-    `masks._lowest_mask`), without a selection over all entries: the threshold is bracketed by two quantiles
-    of an evenly strided sample (a prime stride, so every column of a weight matrix is visited), the entries
-    between them are counted, and the exact k-th value is selected among those only. At a 7B MLP's 45M
-    entries a full ``kthvalue`` copies the values and int64 indices (~0.5 GB) every iteration; this keeps a
-    few bool masks. Same mask either way; if the bracket misses (never in practice), it widens, then falls
-    back to the full selection. Counts use ``count_nonzero``: a bool tensor's ``sum`` makes an int64 copy."""
-    numel = a.numel()
+def _drop_flat(x: Tensor, drop: int) -> Tensor:
+    """True for the ``drop`` entries of the 1-D ``x`` smallest in magnitude, ties to the earlier position (the
+    set of `masks._lowest_mask` on ``|x|``), without a selection over all entries and without a copy of
+    ``|x|``: the threshold is bracketed by two quantiles of an evenly strided sample (a prime stride, so every
+    column of a weight matrix is visited), the entries between them are counted, and the exact k-th magnitude
+    is selected among those only; magnitudes are compared through ``−t < x < t``. At a 7B MLP's 45M entries a
+    full ``kthvalue`` copies the values and int64 indices (~0.5 GB) every iteration; this keeps a few bool
+    masks. Same mask either way; if the bracket misses (never in practice), it widens, then falls back to the
+    full selection. Counts use ``count_nonzero``: a bool tensor's ``sum`` makes an int64 copy."""
+    numel = x.numel()
+
+    def below(t):  # |x| < t
+        return (x < t) & (x > -t)
+
     if numel > 1 << 16:
-        sample = a[::61]
+        sample = x[::61].abs()
         ns = sample.numel()
         r = drop * ns / numel
         for width in (4.0, 32.0):
             d = width * (r * (1 - r / ns)) ** 0.5 + 16
             r_lo, r_hi = int(r - d), int(r + d) + 1
-            lo = sample.kthvalue(r_lo).values if r_lo >= 1 else a.new_tensor(float("-inf"))
-            hi = sample.kthvalue(r_hi).values if r_hi <= ns else a.new_tensor(float("inf"))
-            n_lo = int(torch.count_nonzero(a < lo))
+            lo = sample.kthvalue(r_lo).values if r_lo >= 1 else x.new_tensor(0.0)
+            hi = sample.kthvalue(r_hi).values if r_hi <= ns else x.new_tensor(float("inf"))
+            n_lo = int(torch.count_nonzero(below(lo)))
             if n_lo < drop:
-                band = (a >= lo) & (a <= hi)
+                band = ((x >= lo) & (x <= hi)) | ((x <= -lo) & (x >= -hi))  # lo <= |x| <= hi
                 if n_lo + int(torch.count_nonzero(band)) >= drop:
-                    return _drop_at(a, drop, a[band].kthvalue(drop - n_lo).values)
-    return _drop_at(a, drop, a.kthvalue(drop).values)
+                    return _drop_at(x, drop, x[band].abs().kthvalue(drop - n_lo).values, below)
+    return _drop_at(x, drop, x.abs().kthvalue(drop).values, below)
 
 
-def _drop_at(a: Tensor, drop: int, t: Tensor) -> Tensor:
-    """Entries below the k-th value ``t``, then the first entries equal to it, ``drop`` in all."""
-    less = a < t
+def _drop_at(x: Tensor, drop: int, t: Tensor, below) -> Tensor:
+    """Entries of magnitude below the k-th one ``t``, then the first of magnitude ``t``, ``drop`` in all."""
+    less = below(t)
     need = drop - int(torch.count_nonzero(less))
-    ties = torch.nonzero(a == t).squeeze(1)  # a handful of entries: float32 values repeat at 45M entries
+    ties = torch.nonzero((x == t) | (x == -t)).squeeze(1)  # a handful: float32 values repeat at 45M entries
     less[ties[:need]] = True
     return less
 
 
-def project(X: Tensor, keep: int | None, *, scope: str = "matrix", n: int = 0, m: int = 0,
-            scratch: Tensor | None = None) -> Tensor:
+def project(X: Tensor, keep: int | None, *, scope: str = "matrix", n: int = 0, m: int = 0) -> Tensor:
     """Boolean mask of the entries kept by the magnitude projection onto the sparsity set (True = kept).
 
-    Unstructured: the ``keep`` largest ``|X|`` of the matrix (``scope="matrix"``) or ``keep`` per row
-    (``scope="row"``), found by selection (``kthvalue``, ties to the earlier position; over the matrix see
-    `_drop_flat`); N:M (``n`` kept of every ``m`` consecutive inputs): the ``n`` largest of each group.
-    ``scratch``: a tensor like ``X`` whose contents may be overwritten (it then holds ``|X|``), so that no
-    new matrix is made."""
-    a = X.abs() if scratch is None else torch.abs(X, out=scratch)
-    if m:
-        rows, cols = a.shape
-        g = a.reshape(rows, cols // m, m)
-        idx = torch.topk(g, n, dim=2).indices
-        return torch.zeros_like(g, dtype=torch.bool).scatter_(2, idx, True).reshape(rows, cols)
-    drop = (a.shape[1] if scope == "row" else a.numel()) - keep
-    if drop <= 0:
-        return torch.ones_like(a, dtype=torch.bool)
-    if keep <= 0:
-        return torch.zeros_like(a, dtype=torch.bool)
-    if scope == "row":
-        return ~_lowest_mask(a, drop)
-    return ~_drop_flat(a.reshape(-1), drop).view_as(a)
+    Unstructured: the ``keep`` largest ``|X|`` of the matrix (``scope="matrix"``, see `_drop_flat`) or ``keep``
+    per row (``scope="row"``, by selection, ties to the earlier position); N:M (``n`` kept of every ``m``
+    consecutive inputs): the ``n`` largest of each group. Row-wise schemes go a chunk of rows at a time, so
+    no copy of ``X``'s size is made."""
+    rows, cols = X.shape
+    if not m:
+        drop = (cols if scope == "row" else X.numel()) - keep
+        if drop <= 0:
+            return torch.ones_like(X, dtype=torch.bool)
+        if keep <= 0:
+            return torch.zeros_like(X, dtype=torch.bool)
+        if scope != "row":
+            return ~_drop_flat(X.reshape(-1), drop).view_as(X)
+    out = torch.empty_like(X, dtype=torch.bool)
+    for sl in row_chunks(rows, cols):
+        a = X[sl].abs()
+        if m:
+            g = a.reshape(a.shape[0], cols // m, m)
+            idx = torch.topk(g, n, dim=2).indices
+            out[sl] = torch.zeros_like(g, dtype=torch.bool).scatter_(2, idx, True).reshape(a.shape)
+        else:
+            out[sl] = ~_lowest_mask(a, drop)
+    return out
 
 
 def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "matrix", n: int = 0, m: int = 0,
@@ -106,13 +114,15 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
     B = W.to(dt) * s
     BH = B @ normalised()
     L, L_rho = None, None
-    Z = B * project(B, keep, scope=scope, n=n, m=m)
-    del B  # four matrices of W's size live through the loop (BH, Z, U, B') and the factor
-    U = torch.zeros_like(Z)
-    supp = Z != 0
+    # (Z, U) are held as (V, S): Z = V·S, U = V·¬S — the projection splits V = B' + U into exactly these two —
+    # so three matrices of W's size live through the loop (BH, V, B') and the factor, not four
+    V = B * project(B, keep, scope=scope, n=n, m=m)  # Z₀, with U₀ = 0: S all True
+    del B
+    S = torch.ones_like(V, dtype=torch.bool)
+    supp = V != 0
     kept = int(torch.count_nonzero(supp)) or 1
     rose, moved_once, it, change = False, False, 0, 1.0
-    Bp = torch.empty_like(Z)  # the right-hand side, solved in place into B'
+    Bp = torch.empty_like(V)  # the right-hand side, solved in place into B'
     for it in range(1, max_iter + 1):
         if rho != L_rho:  # ρ changes at most once per check: one Cholesky factor serves those iterations
             L = None  # the old factor goes before the new one is made
@@ -121,13 +131,11 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
             L, L_rho = torch.linalg.cholesky(L, out=L), rho
         # B' (Ĥ + ρI) = B Ĥ + ρ (Z − U), i.e. B' L Lᵀ = rhs: two triangular solves from the right, in place
         # (the same numbers as cholesky_solve, without its copies of the factor and the right-hand side)
-        torch.sub(Z, U, out=Bp).mul_(rho).add_(BH)
+        torch.where(S, V, torch.neg(V, out=Bp), out=Bp).mul_(rho).add_(BH)  # Z − U = ±V
         torch.linalg.solve_triangular(L.mT, Bp, upper=True, left=False, out=Bp)
         torch.linalg.solve_triangular(L, Bp, upper=False, left=False, out=Bp)
-        U.add_(Bp)  # U now holds V = B' + U
-        sel = project(U, keep, scope=scope, n=n, m=m, scratch=Z)  # Z is overwritten next
-        torch.mul(U, sel, out=Z)  # Z = Proj(V)
-        U.sub_(Z)  # U = V − Z
+        V.masked_fill_(S, 0.0).add_(Bp)  # V = U + B'
+        S = sel = project(V, keep, scope=scope, n=n, m=m)
         if it % check == 0:
             changed = int(torch.count_nonzero(sel != supp))
             change = changed / kept
@@ -143,9 +151,9 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
             elif not rose and not moved_once and rho > 1e-6:
                 rho /= 5  # ρ too large from the start: the support is frozen at the first projection
                 B = W.to(dt) * s
-                Z = B * project(B, keep, scope=scope, n=n, m=m)
+                V = B * project(B, keep, scope=scope, n=n, m=m)
                 del B
-                U.zero_()
+                S = torch.ones_like(V, dtype=torch.bool)
                 continue
             rho = min(rho, 1e6)
             if it >= min_iter and (changed == 0 or change < tol):
