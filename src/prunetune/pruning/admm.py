@@ -38,10 +38,6 @@ def _drop_flat(x: Tensor, drop: int) -> Tensor:
     masks. Same mask either way; if the bracket misses (never in practice), it widens, then falls back to the
     full selection. Counts use ``count_nonzero``: a bool tensor's ``sum`` makes an int64 copy."""
     numel = x.numel()
-
-    def below(t):  # |x| < t
-        return (x < t) & (x > -t)
-
     if numel > 1 << 16:
         sample = x[::61].abs()
         ns = sample.numel()
@@ -51,17 +47,22 @@ def _drop_flat(x: Tensor, drop: int) -> Tensor:
             r_lo, r_hi = int(r - d), int(r + d) + 1
             lo = sample.kthvalue(r_lo).values if r_lo >= 1 else x.new_tensor(0.0)
             hi = sample.kthvalue(r_hi).values if r_hi <= ns else x.new_tensor(float("inf"))
-            n_lo = int(torch.count_nonzero(below(lo)))
+            n_lo = int(torch.count_nonzero(_below(x, lo)))
             if n_lo < drop:
                 band = ((x >= lo) & (x <= hi)) | ((x <= -lo) & (x >= -hi))  # lo <= |x| <= hi
                 if n_lo + int(torch.count_nonzero(band)) >= drop:
-                    return _drop_at(x, drop, x[band].abs().kthvalue(drop - n_lo).values, below)
-    return _drop_at(x, drop, x.abs().kthvalue(drop).values, below)
+                    return _drop_at(x, drop, x[band].abs().kthvalue(drop - n_lo).values)
+    return _drop_at(x, drop, x.abs().kthvalue(drop).values)
 
 
-def _drop_at(x: Tensor, drop: int, t: Tensor, below) -> Tensor:
+def _below(x: Tensor, t: Tensor) -> Tensor:
+    """``|x| < t`` without a copy of ``|x|``."""
+    return (x < t) & (x > -t)
+
+
+def _drop_at(x: Tensor, drop: int, t: Tensor) -> Tensor:
     """Entries of magnitude below the k-th one ``t``, then the first of magnitude ``t``, ``drop`` in all."""
-    less = below(t)
+    less = _below(x, t)
     need = drop - int(torch.count_nonzero(less))
     ties = torch.nonzero((x == t) | (x == -t)).squeeze(1)  # a handful: float32 values repeat at 45M entries
     less[ties[:need]] = True
@@ -111,14 +112,16 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
     def normalised():  # Ĥ, remade for each factor rather than kept: one in × in fewer through the loop
         return torch.div(H.to(dt), s[:, None]).div_(s[None, :])
 
-    B = W.to(dt) * s
-    BH = B @ normalised()
-    L, L_rho = None, None
     # (Z, U) are held as (V, S): Z = V·S, U = V·¬S — the projection splits V = B' + U into exactly these two —
     # so three matrices of W's size live through the loop (BH, V, B') and the factor, not four
-    V = B * project(B, keep, scope=scope, n=n, m=m)  # Z₀, with U₀ = 0: S all True
-    del B
-    S = torch.ones_like(V, dtype=torch.bool)
+    def start():  # Z₀ = Proj(B) and U₀ = 0, i.e. V = Z₀ with S all True
+        B = W.to(dt) * s
+        V = B * project(B, keep, scope=scope, n=n, m=m)
+        return V, torch.ones_like(V, dtype=torch.bool)
+
+    BH = (W.to(dt) * s) @ normalised()
+    L, L_rho = None, None
+    V, S = start()
     supp = V != 0
     kept = int(torch.count_nonzero(supp)) or 1
     rose, moved_once, it, change = False, False, 0, 1.0
@@ -150,10 +153,7 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
                 rho *= 1.1
             elif not rose and not moved_once and rho > 1e-6:
                 rho /= 5  # ρ too large from the start: the support is frozen at the first projection
-                B = W.to(dt) * s
-                V = B * project(B, keep, scope=scope, n=n, m=m)
-                del B
-                S = torch.ones_like(V, dtype=torch.bool)
+                V, S = start()
                 continue
             rho = min(rho, 1e6)
             if it >= min_iter and (changed == 0 or change < tol):
