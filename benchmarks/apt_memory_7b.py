@@ -8,7 +8,8 @@ A random weight of a Llama-2-7B MLP shape (gate_proj 11008 x 4096, down_proj 409
 resident memory of each phase above what the process held before it (VmHWM reset before each), and the whole
 method's peak above its inputs. ADMM runs ``--admm-iter`` iterations (every iteration holds the same buffers,
 so a few show the peak); the refit (CG from ADMM's iterate) is run for gate_proj only (``--refit``), since
-from an unconverged ADMM start it takes long at 11008 inputs.
+from an unconverged ADMM start it takes long at 11008 inputs; for both, the refit's largest allocation (its CG
+preconditioner, one in x in) is measured on its own.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from prunetune.pruning.admm import admm_mask
 from prunetune.pruning.hessian import prepare_hessian
 from prunetune.pruning.masks import num_pruned, parse_sparsity
 from prunetune.pruning.methods import get_method
-from prunetune.pruning.methods.apt import exact_solve
+from prunetune.pruning.methods.apt import cg_preconditioner, exact_solve
 from prunetune.pruning.methods.sparsegpt import sparsegpt_prune
 
 SHAPES = {"gate_proj": (11008, 4096), "down_proj": (4096, 11008)}
@@ -90,6 +91,7 @@ def main():
         keep = rows * cols - num_pruned(rows * cols, spec.sparsity)
         mask, last, _ = _phase("apt: ADMM mask", lambda: admm_mask(prep.W, prep.H, keep=keep, max_iter=a.admm_iter,
                                                                     min_iter=1), r)
+        _phase("apt: refit's CG preconditioner", lambda: cg_preconditioner(prep.H), r)
         if name in a.refit:
             _phase("apt: exact refit (CG from ADMM's iterate)",
                    lambda: exact_solve(prep.W, prep.H, mask | prep.dead, x0=last), r)

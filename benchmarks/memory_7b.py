@@ -105,11 +105,10 @@ def main():
         cmd += ["--cache-budget", str(a.cache_budget)]
     if a.batch_size is not None:
         cmd += ["--batch-size", str(a.batch_size)]
-    # A run killed after a finished layer (e.g. at the end of a working session) continues with --resume; each
-    # part's peak, wall and CPU time are kept in ``parts.json`` and the result takes the max / sums.
-    parts_file = work / "parts.json"
+    # A run killed after a finished layer (e.g. at the end of a working session) continues with --resume; the
+    # killed parts' peak, wall and CPU time (up to their last finished layer) come from the report's
+    # ``earlier_parts`` and the result takes the max / sums.
     resuming = (work / ".pruned.partial" / "resume" / "journal.json").is_file()
-    parts = json.loads(parts_file.read_text()) if resuming and parts_file.is_file() else []
     if resuming:
         cmd.append("--resume")
     t1 = time.time()
@@ -121,10 +120,13 @@ def main():
         print(proc.stderr[-3000:])
         raise SystemExit(proc.returncode)
     report = json.loads((out / "prune_report.json").read_text())
+    parts = [{"resumed_from_layer": p["from_layer"] or None, "killed_after_layer": p["to_layer"],
+              "wall_time_s": p["wall_time_s"], "cpu_time_s": p["cpu_time_s"],
+              "peak_rss_bytes": int(p["peak_rss_mb"] * 2 ** 20), "peak_rss_bytes_ru_maxrss": 0}
+             for p in report["manifest"].get("earlier_parts", [])]
     parts.append({"resumed_from_layer": report["manifest"].get("resumed_from_layer"), "wall_time_s": round(wall, 1),
                   "cpu_time_s": round(ru.ru_utime + ru.ru_stime, 1),
                   "peak_rss_bytes": int(report["manifest"]["peak_rss_mb"] * 2 ** 20), "peak_rss_bytes_ru_maxrss": peak})
-    parts_file.write_text(json.dumps(parts, indent=2))
     res = {
         "checkpoint": "Llama-2-7B shapes, random bf16 weights", "layers": a.layers, "checkpoint_bytes": size,
         "command": " ".join(c for c in cmd[1:] if c != "--resume"),

@@ -163,7 +163,11 @@ def test_sigkill_and_resume_identical(tmp_path, stories_dir):
     for f in (tmp_path / "ref").glob("model-*.safetensors"):
         x, y = load_file(f), load_file(out / f.name)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f.name
-    assert json.loads((out / "prune_report.json").read_text())["manifest"]["resumed_from_layer"] == 3
+    man = json.loads((out / "prune_report.json").read_text())["manifest"]
+    assert man["resumed_from_layer"] == 3
+    # the killed part's time and peak memory up to its last finished layer are in the final report
+    (part,) = man["earlier_parts"]
+    assert (part["from_layer"], part["to_layer"]) == (0, 2) and part["peak_rss_mb"] > 0 and part["wall_time_s"] > 0
     assert not partial_dir_for(out).exists()
 
 

@@ -109,8 +109,8 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
     s = H.diagonal().to(dt).clamp_min(torch.finfo(dt).tiny).sqrt()
 
-    def normalised():  # Ĥ, remade for each factor rather than kept: one in × in fewer through the loop
-        return torch.div(H.to(dt), s[:, None]).div_(s[None, :])
+    def normalised(out=None):  # Ĥ, remade for each factor rather than kept: one in × in fewer through the loop
+        return torch.div(H.to(dt), s[:, None], out=out).div_(s[None, :])
 
     # (Z, U) are held as (V, S): Z = V·S, U = V·¬S — the projection splits V = B' + U into exactly these two —
     # so three matrices of W's size live through the loop (BH, V, B') and the factor, not four
@@ -126,12 +126,16 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
     kept = int(torch.count_nonzero(supp)) or 1
     rose, moved_once, it, change = False, False, 0, 1.0
     Bp = torch.empty_like(V)  # the right-hand side, solved in place into B'
+    info = torch.empty((), dtype=torch.int32, device=W.device)
     for it in range(1, max_iter + 1):
         if rho != L_rho:  # ρ changes at most once per check: one Cholesky factor serves those iterations
+            # Ĥ + ρI is written into a column-major buffer and factored there: LAPACK works in place, where a
+            # row-major one is copied first (one in × in more at the peak, same factor bit for bit)
             L = None  # the old factor goes before the new one is made
-            L = normalised()
+            L = normalised(out=BH.new_empty(H.shape).mT)
             L.diagonal().add_(rho)
-            L, L_rho = torch.linalg.cholesky(L, out=L), rho
+            torch.linalg.cholesky_ex(L, check_errors=True, out=(L, info))
+            L_rho = rho
         # B' (Ĥ + ρI) = B Ĥ + ρ (Z − U), i.e. B' L Lᵀ = rhs: two triangular solves from the right, in place
         # (the same numbers as cholesky_solve, without its copies of the factor and the right-hand side)
         torch.where(S, V, torch.neg(V, out=Bp), out=Bp).mul_(rho).add_(BH)  # Z − U = ±V

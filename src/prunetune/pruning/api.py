@@ -175,9 +175,10 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
             with atomic_output_dir(out_path, overwrite=overwrite, keep_partial=resumable) as tmp:
                 writer = ShardWriter(tmp)
                 cache = ActivationCache(tmp / RESUME, shapes, torch_dtype, budget_mb)
-                start_layer, slot, done, layer_specs = 0, "a", [], None
+                start_layer, slot, done, layer_specs, earlier = 0, "a", [], None, []
                 if resume:
                     start_layer, slot = state["layer"] + 1, state["slot"]
+                    earlier = state.get("parts", [])
                     done = [LayerResult(**r) for r in state["results"]]
                     layer_specs = state.get("layer_specs")
                     layer_specs = [parse_sparsity(x) for x in layer_specs] if layer_specs else None
@@ -208,9 +209,14 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                     prefix = adapter.layer_prefix(i)
                     writer.write(writer.layer_file(i), {prefix + k: v for k, v in layer.state_dict().items()})
                     done.extend(results)
+                    # each part of a run that was killed and resumed leaves its time and peak memory up to its
+                    # last finished layer, so the final report covers the whole run, not only its last part
+                    part = {"from_layer": start_layer, "to_layer": i, "wall_time_s": round(time.time() - t_start, 1),
+                            "cpu_time_s": round(time.process_time(), 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
                     cache.write_journal({"fingerprint": fingerprint, "layer": i, "slot": out_slot,
                                          "results": [asdict(r) for r in done],
-                                         "layer_specs": [str(x) for x in layer_specs] if layer_specs else None})
+                                         "layer_specs": [str(x) for x in layer_specs] if layer_specs else None,
+                                         "parts": earlier + [part]})
                     if streaming:
                         release(layer)
 
@@ -225,6 +231,8 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                                       "machine": machine(), "device": device,
                                       "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)),
                                       "resumed_from_layer": start_layer if resume else None}
+                if earlier:  # the killed parts before this one, each up to its last finished layer
+                    report["manifest"]["earlier_parts"] = earlier
                 report["manifest"].update(wall_time_s=round(time.time() - t_start, 3),
                                           peak_rss_mb=round(peak_rss_mb(), 1))
                 if eval_corpora:

@@ -42,15 +42,19 @@ def damp_hessian(H: Tensor, W: Tensor, damp: float) -> tuple[Tensor, Tensor]:
     Dead inputs (``H_jj == 0``) get ``H_jj = 1`` and ``W[:, j] = 0``; then ``H += damp · mean(diag H) · I``
     (mean taken after the dead entries were set to 1, as in the SparseGPT reference code).
     """
-    H = H.clone()
     W = W.clone()
+    W[:, H.diagonal() == 0] = 0.0
+    return _damped(H, damp), W
+
+
+def _damped(H: Tensor, damp: float) -> Tensor:
+    """The dampened copy of ``H`` that `damp_hessian` returns."""
+    H = H.clone()
     diag = H.diagonal()
-    dead = diag == 0
-    diag[dead] = 1.0
-    W[:, dead] = 0.0
+    diag[diag == 0] = 1.0
     if damp:
         diag += damp * diag.mean()
-    return H, W
+    return H
 
 
 def _reverse_(X: Tensor, chunk: int = 512) -> Tensor:
@@ -130,13 +134,12 @@ def prepare_hessian(H: Tensor, W: Tensor, damp: float = 0.01, *, upper_inverse: 
         Hd, W0 = damp_hessian(Hc, Wc, lam)
         L = U = None
         if upper_inverse:  # U's own Cholesky proves H positive definite; L is made only if asked for
-            if keep_h:
-                A = Hd.flip(0, 1)
-            else:
-                A, Hd = _reverse_(Hd), None
+            A, Hd = _reverse_(Hd), None  # factored in place
             U = _upper_inverse_of_reversed(A)
             del A
             ok = U is not None
+            if ok and keep_h:  # made again rather than kept through U's making: one in × in fewer at the peak
+                Hd = _damped(Hc, lam)
         else:
             L, info = torch.linalg.cholesky_ex(Hd)
             ok = int(info) == 0 and bool(torch.isfinite(L).all())

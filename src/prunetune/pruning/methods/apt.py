@@ -181,6 +181,13 @@ def warm_solve(W: Tensor, H: Tensor, mask: Tensor, x0: Tensor, *, tol: float | N
     return out
 
 
+def cg_preconditioner(H: Tensor) -> Tensor:
+    """``H⁻¹`` for preconditioning CG, in H's dtype (enough for a preconditioner), inverted in place in its
+    (column-major) Cholesky factor: one ``in × in`` besides ``H``, where factor and inverse apart make two."""
+    Hinv = torch.linalg.cholesky(H)
+    return torch.cholesky_inverse(Hinv, out=Hinv)
+
+
 # Systems of at most this size are solved directly (batched Cholesky); larger ones by shared PCG.
 _DIRECT_MAX = 512
 
@@ -209,9 +216,8 @@ def exact_solve(W: Tensor, H: Tensor, mask: Tensor, *, Hinv: Tensor | None = Non
     p_all = mask.sum(1)
     s_max = int(torch.minimum(p_all, cols - p_all).max()) if rows else 0
     if solver == "cg" or (solver == "auto" and s_max > _DIRECT_MAX):
-        if Hinv is None:  # only a preconditioner here: the working dtype is enough (one in × in at a time)
-            Hinv = torch.linalg.cholesky(H)
-            Hinv = torch.cholesky_inverse(Hinv)
+        if Hinv is None:
+            Hinv = cg_preconditioner(H)
         tol = tol if tol is not None else (1e-12 if W.dtype == torch.float64 else 1e-6)
         out = W.clone()
         step = max(1, _CG_CHUNK // max(1, cols))
