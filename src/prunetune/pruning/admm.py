@@ -49,22 +49,32 @@ def _drop_flat(x: Tensor, drop: int) -> Tensor:
             hi = sample.kthvalue(r_hi).values if r_hi <= ns else x.new_tensor(float("inf"))
             n_lo = int(torch.count_nonzero(_below(x, lo)))
             if n_lo < drop:
-                band = ((x >= lo) & (x <= hi)) | ((x <= -lo) & (x >= -hi))  # lo <= |x| <= hi
+                band = x >= lo  # lo <= |x| <= hi, built in place: three bool masks at most at a time
+                band &= x <= hi
+                neg = x <= -lo
+                neg &= x >= -hi
+                band |= neg
+                del neg
                 if n_lo + int(torch.count_nonzero(band)) >= drop:
                     return _drop_at(x, drop, x[band].abs().kthvalue(drop - n_lo).values)
     return _drop_at(x, drop, x.abs().kthvalue(drop).values)
 
 
 def _below(x: Tensor, t: Tensor) -> Tensor:
-    """``|x| < t`` without a copy of ``|x|``."""
-    return (x < t) & (x > -t)
+    """``|x| < t`` without a copy of ``|x|`` (two bool masks at a time)."""
+    out = x < t
+    out &= x > -t
+    return out
 
 
 def _drop_at(x: Tensor, drop: int, t: Tensor) -> Tensor:
     """Entries of magnitude below the k-th one ``t``, then the first of magnitude ``t``, ``drop`` in all."""
     less = _below(x, t)
     need = drop - int(torch.count_nonzero(less))
-    ties = torch.nonzero((x == t) | (x == -t)).squeeze(1)  # a handful: float32 values repeat at 45M entries
+    tie = x == t
+    tie |= x == -t
+    ties = torch.nonzero(tie).squeeze(1)  # a handful: float32 values repeat at 45M entries
+    del tie
     less[ties[:need]] = True
     return less
 
@@ -84,7 +94,7 @@ def project(X: Tensor, keep: int | None, *, scope: str = "matrix", n: int = 0, m
         if keep <= 0:
             return torch.zeros_like(X, dtype=torch.bool)
         if scope != "row":
-            return ~_drop_flat(X.reshape(-1), drop).view_as(X)
+            return _drop_flat(X.reshape(-1), drop).logical_not_().view_as(X)
     out = torch.empty_like(X, dtype=torch.bool)
     for sl in row_chunks(rows, cols):
         a = X[sl].abs()
@@ -162,4 +172,5 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
             rho = min(rho, 1e6)
             if it >= min_iter and (changed == 0 or change < tol):
                 break
-    return ~sel, (Bp / s).to(W.dtype), {"iterations": it, "rho": rho, "last_support_change": change}
+    del BH, V, L  # B' goes back to the original coordinates in place, with nothing else of its size held
+    return ~sel, Bp.div_(s).to(W.dtype), {"iterations": it, "rho": rho, "last_support_change": change}
