@@ -7,12 +7,17 @@ same process.
     python benchmarks/apt_layers.py --settings 0.7 2:4 0.5 --variants sparsegpt apt-sparsegpt apt-direct \
         --out benchmarks/results/apt_refit_smollm2.json     # how far select=sparsegpt's CG refit is from exact
 
+    python benchmarks/apt_layers.py --calib tinystories --score wikitext2 c4 --seqlen 256 --settings 0.7 2:4 \
+        --variants sparsegpt apt-admm apt-admm-d0.03 apt-admm-d0.1 apt-admm-d0.3 apt-admm-d1 \
+        --out benchmarks/results/apt_layers_tinystories.json   # far from the calibration domain: more dampening?
+
 Variants marked exact (``apt-admm``, ``apt-admm-row``, ``apt-direct``) also get ``refit_gap``: how far their
 float32 result is above the float64 direct optimum for their own mask.
 
 Protocol: the inputs of q_proj, o_proj, gate_proj and down_proj of layers 0, 8, 16, 24 and 29 of the dense model
 (not the sequentially pruned one: every method sees the same H), captured on ``--nsamples`` x ``--seqlen`` tokens
-of C4 (the calibration domain: every method's H) and, separately, of WikiText-2 (another domain: only scored).
+of C4 (the calibration domain: every method's H; ``--calib``) and, separately, of WikiText-2 (another domain:
+only scored; ``--score``).
 H = 2 X Xᵀ / N in float64, cast to float32; each method runs in float32 as shipped (dampening 0.01, block
 128). Reported per setting: the mean over the 20 linears of each method's layer error relative to SparseGPT's,
 under the C4 H (what the methods minimise) and the WikiText-2 H (does the gain carry over?), and the summed
@@ -42,21 +47,25 @@ LINEARS = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_pr
 #: "apt" in results made before APT's default became select="admm" is "apt-sparsegpt" here
 VARIANTS = {"sparsegpt": ("sparsegpt", {}), "apt-sparsegpt": ("apt", {"select": "sparsegpt"}),
             "apt-admm": ("apt", {"select": "admm"}), "apt-admm-row": ("apt", {"select": "admm", "admm_scope": "row"}),
-            "apt-direct": ("apt", {"select": "sparsegpt", "solver": "direct"})}  # exact refit of SparseGPT's mask
+            "apt-direct": ("apt", {"select": "sparsegpt", "solver": "direct"}),  # exact refit of SparseGPT's mask
+            # the default with more dampening (a ridge pulling kept weights toward their values), mask and refit
+            **{f"apt-admm-d{d}": ("apt", {"select": "admm", "damp": float(d)}) for d in ("0.03", "0.1", "0.3", "1")}}
 #: variants whose refit is documented as exact: their float32 result is compared with the float64 direct optimum
 #: for their own mask (``refit_gap``: relative excess of the dampened layer error)
 EXACT = ("apt-admm", "apt-admm-row", "apt-direct")
 
 
-def capture(model_dir: str, nsamples: int, seqlen: int, cache: Path) -> dict:
+def capture(model_dir: str, nsamples: int, seqlen: int, cache: Path, corpora=("c4", "wikitext2")) -> dict:
     """{(corpus, layer, linear): H (float32)} and {("W", layer, linear): weight}, cached in ``cache``."""
     if cache.is_file():
-        return torch.load(cache)
+        D = torch.load(cache)
+        if all((c, LAYERS[0], LINEARS[0]) in D for c in corpora):
+            return D
     from prunetune.data.calibration import sample_calibration
 
     m, tok, _ = load_model(model_dir, dtype="float32", device="cpu")
     out = {}
-    for corpus in ("c4", "wikitext2"):
+    for corpus in corpora:
         ids, _ = sample_calibration(tok, corpus, nsamples, seqlen, seed=0)
         acc, hooks = {}, []
         for li in LAYERS:
@@ -100,17 +109,24 @@ def main():
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--cache", default=str(ROOT / "runs" / "apt_layers" / "hessians.pt"))
+    ap.add_argument("--calib", default="c4", help="the corpus of every method's H (the others are scored only)")
+    ap.add_argument("--score", nargs="*", default=["wikitext2"], help="other domains, scored only")
+    ap.add_argument("--cache", default=None, help="Hessian cache (default: runs/apt_layers/hessians[-CALIB].pt)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "apt_layers_smollm2.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    D = capture(a.model, a.nsamples, a.seqlen, Path(a.cache))
+    corpora = [a.calib] + [c for c in a.score if c != a.calib]
+    cache = a.cache or ROOT / "runs" / "apt_layers" / ("hessians.pt" if a.calib == "c4" else
+                                                        f"hessians-{a.calib}-{a.nsamples}x{a.seqlen}.pt")
+    D = capture(a.model, a.nsamples, a.seqlen, Path(cache), corpora)
     out = Path(a.out)
     res = json.loads(out.read_text()) if out.is_file() else {"settings": {}}
     res["protocol"] = {"model": a.model, "layers": LAYERS, "linears": LINEARS,
-                       "hessian": f"dense-model inputs, {a.nsamples} x {a.seqlen} tokens, seed 0; C4 = calibration "
-                                  "(every method's H), WikiText-2 = another domain (scored only)",
-                       "dtype": "float32", "damp": 0.01, "blocksize": 128, "threads": a.threads,
+                       "hessian": f"dense-model inputs, {a.nsamples} x {a.seqlen} tokens, seed 0; {a.calib} = "
+                                  f"calibration (every method's H), {', '.join(corpora[1:])} = other domains (scored "
+                                  "only)",
+                       "dtype": "float32", "damp": "0.01 unless the variant says otherwise", "blocksize": 128,
+                       "threads": a.threads,
                        "variants": {k: {"method": m, **o} for k, (m, o) in VARIANTS.items() if k in a.variants},
                        "versions": versions(), "machine": machine(),
                        "command": " ".join(["python", "benchmarks/apt_layers.py", *sys.argv[1:]])}
@@ -118,38 +134,36 @@ def main():
         spec = parse_sparsity(sp)
         # a per-row scope does not apply to N:M (every group is its own row already)
         variants = [v for v in a.variants if not (spec.is_nm and VARIANTS[v][1].get("admm_scope") == "row")]
-        rows, sums, gaps = [], {v: [0.0, 0.0, 0.0] for v in variants}, {}
+        rows, sums, times, gaps = [], {v: {c: 0.0 for c in corpora} for v in variants}, dict.fromkeys(variants, 0.0), {}
         for li in LAYERS:
             for n in LINEARS:
-                W, Hc, Hw = D[("W", li, n)], D[("c4", li, n)], D[("wikitext2", li, n)]
+                W, Hc = D[("W", li, n)], D[(a.calib, li, n)]
                 row, ref = {"layer": li, "linear": n}, None
                 for v in variants:
                     name, opts = VARIANTS[v]
                     t = time.perf_counter()
                     Wn = get_method(name).fn(W, Hc, spec, **opts)
                     dt = time.perf_counter() - t
-                    e = (layer_error(W.double(), Wn.double(), Hc.double()),
-                         layer_error(W.double(), Wn.double(), Hw.double()))
+                    e = {c: layer_error(W.double(), Wn.double(), D[(c, li, n)].double()) for c in corpora}
                     if ref is None:
                         ref = e  # the first variant (SparseGPT) is the reference
-                    row[v] = {"err_c4": e[0], "err_wikitext2": e[1], "time_s": round(dt, 4),
-                              "c4_vs_first": e[0] / ref[0], "wikitext2_vs_first": e[1] / ref[1]}
+                    row[v] = {**{f"err_{c}": e[c] for c in corpora}, "time_s": round(dt, 4),
+                              **{f"{c}_vs_first": e[c] / ref[c] for c in corpora}}
                     if v in EXACT:
                         row[v]["refit_gap"] = refit_gap(W, Hc, Wn)
                         gaps.setdefault(v, []).append(row[v]["refit_gap"])
-                    s = sums[v]
-                    s[0] += e[0] / ref[0]
-                    s[1] += e[1] / ref[1]
-                    s[2] += dt
+                    for c in corpora:
+                        sums[v][c] += e[c] / ref[c]
+                    times[v] += dt
                 rows.append(row)
-                print(sp, li, n, {v: (round(row[v]["c4_vs_first"], 3), round(row[v]["wikitext2_vs_first"], 3))
-                                  for v in variants}, flush=True)
+                print(sp, li, n, {v: tuple(round(row[v][f"{c}_vs_first"], 3) for c in corpora) for v in variants},
+                      flush=True)
         k = len(rows)
         first = variants[0]
         res["settings"][sp] = {
-            "mean_error_vs_" + first: {v: {"c4": sums[v][0] / k, "wikitext2": sums[v][1] / k} for v in variants},
-            "time_vs_" + first: {v: sums[v][2] / sums[first][2] for v in variants},
-            "time_s": {v: round(sums[v][2], 2) for v in variants},
+            "mean_error_vs_" + first: {v: {c: sums[v][c] / k for c in corpora} for v in variants},
+            "time_vs_" + first: {v: times[v] / times[first] for v in variants},
+            "time_s": {v: round(times[v], 2) for v in variants},
             "refit_gap_mean_max": {v: [sum(g) / len(g), max(g)] for v, g in gaps.items()}, "layers": rows}
         write_json_atomic(out, res)
         print(sp, json.dumps({kk: vv for kk, vv in res["settings"][sp].items() if kk != "layers"}), flush=True)

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """In and out of the calibration domain on the bundled stories260K: SparseGPT, APT with SparseGPT's mask
-re-solved and APT with the ADMM mask (the default), calibrated on TinyStories, scored on TinyStories (in
-domain) and WikiText-2 (another domain).
+re-solved and APT with the ADMM mask (the default; at SparseGPT's dampening 0.01 and at APT's default 0.1),
+calibrated on TinyStories, scored on TinyStories (in domain) and WikiText-2 (another domain).
 
     python benchmarks/apt_ood_stories.py --out benchmarks/results/apt_ood_stories.json
 
 Protocol: stories260K (the bundled llama2.c model), calibration TinyStories excerpt 64 x 256 tokens, seed 0,
-dampening 0.01; perplexity over 256-token windows (all of the TinyStories excerpt, the first 64 of WikiText-2).
+dampening 0.01 unless the variant says otherwise; perplexity over 256-token windows (all of the TinyStories
+excerpt, the first 64 of WikiText-2).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E40
 from prunetune.paths import DEFAULT_MODEL  # noqa: E402
 
 #: "apt" in results made before APT's default became select="admm" is "apt-sparsegpt" here
-VARIANTS = {"sparsegpt": ("sparsegpt", {}), "apt-sparsegpt": ("apt", {"select": "sparsegpt"}),
-            "apt-admm": ("apt", {"select": "admm"})}
+#: name -> (method, options, dampening)
+VARIANTS = {"sparsegpt": ("sparsegpt", {}, 0.01), "apt-sparsegpt": ("apt", {"select": "sparsegpt"}, 0.01),
+            "apt-admm": ("apt", {"select": "admm"}, 0.01), "apt-admm-d0.1": ("apt", {"select": "admm"}, 0.1)}
 
 
 def ppl(model, a) -> dict:
@@ -47,7 +49,8 @@ def main():
     a = ap.parse_args()
     res = {"protocol": {"model": "stories260K (bundled)", "calibration": f"tinystories {a.nsamples} x {a.seqlen}, "
                         "seed 0", "perplexity": f"256-token windows: tinystories all, wikitext2 first "
-                        f"{a.wikitext_windows}", "variants": {k: {"method": m, **o} for k, (m, o) in VARIANTS.items()},
+                        f"{a.wikitext_windows}",
+                        "variants": {k: {"method": m, **o, "damp": d} for k, (m, o, d) in VARIANTS.items()},
                         "versions": versions(), "machine": machine(),
                         "command": " ".join(["python", "benchmarks/apt_ood_stories.py", *sys.argv[1:]])},
            "dense": None, "settings": {}}
@@ -55,10 +58,11 @@ def main():
     with tempfile.TemporaryDirectory() as td:
         for sp in a.settings:
             row = {}
-            for v, (method, opts) in VARIANTS.items():
+            for v, (method, opts, damp) in VARIANTS.items():
                 d = Path(td) / f"{v}-{sp.replace(':', 'of')}"
                 rep = pt.prune(str(DEFAULT_MODEL), method=method, sparsity=sp, out=d, calib="tinystories",
-                               nsamples=a.nsamples, seqlen=a.seqlen, device="cpu", progress=False, method_opts=opts)
+                               nsamples=a.nsamples, seqlen=a.seqlen, damp=damp, device="cpu", progress=False,
+                               method_opts=opts)
                 row[v] = {**ppl(d, a), "wall_s": rep["manifest"]["wall_time_s"], "total": rep["total"]}
             res["settings"][sp] = row
             print(sp, json.dumps(row), flush=True)

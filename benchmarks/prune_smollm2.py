@@ -65,7 +65,8 @@ def main():
                                                          "for its layer errors only)",
                        "perplexity": f"{', '.join(a.corpora)}; 512-token non-overlapping windows"
                                      + (f", first {a.ppl_windows} windows" if a.ppl_windows else ", all windows"),
-                       "true_sequential": True, "damp": 0.01, "blocksize": 128, "dtype": "float32",
+                       "true_sequential": True, "damp": "0.01 unless the variant says otherwise", "blocksize": 128,
+                       "dtype": "float32",
                        "versions": versions(), "machine": machine(),
                        "command": " ".join(["python", "benchmarks/prune_smollm2.py", *sys.argv[1:]])}
 
@@ -107,11 +108,16 @@ def main():
 
 
 #: method variants: name -> (method, method options, other prune arguments); "-owl": OWL's per-layer sparsity
-#: (default lambda 0.08, M 5)
-VARIANTS = {"apt-admm": ("apt", {"select": "admm"}, {}), "apt-sparsegpt": ("apt", {"select": "sparsegpt"}, {}),
+#: (default lambda 0.08, M 5); "-d0.1", "-d0.03": APT's mask search and refit dampened by 0.1 (0.03) x mean
+#: diag(H) (a ridge) instead of 0.01
+VARIANTS = {"apt-admm": ("apt", {"select": "admm"}, {"damp": 0.01}),
+            "apt-admm-d0.03": ("apt", {"select": "admm"}, {"damp": 0.03}),
+            "apt-admm-d0.1": ("apt", {"select": "admm"}, {"damp": 0.1}),
+            "apt-admm-d0.1-owl": ("apt", {"select": "admm"}, {"damp": 0.1, "owl": True}),
+            "apt-sparsegpt": ("apt", {"select": "sparsegpt"}, {"damp": 0.01}),
             "sparsegpt-owl": ("sparsegpt", {}, {"owl": True}), "apt-owl": ("apt", {}, {"owl": True}),
-            "apt-admm-owl": ("apt", {"select": "admm"}, {"owl": True}),
-            "apt-sparsegpt-owl": ("apt", {"select": "sparsegpt"}, {"owl": True})}
+            "apt-admm-owl": ("apt", {"select": "admm"}, {"damp": 0.01, "owl": True}),
+            "apt-sparsegpt-owl": ("apt", {"select": "sparsegpt"}, {"damp": 0.01, "owl": True})}
 
 
 def markdown(res: dict) -> str:
