@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """In and out of the calibration domain on the bundled stories260K: SparseGPT, APT with SparseGPT's mask
-re-solved and APT with the ADMM mask (the default; at SparseGPT's dampening 0.01 and at APT's default 0.1),
+re-solved and APT with the ADMM mask (the default) at dampenings 0.01, 0.03 and 0.1,
 calibrated on TinyStories, scored on TinyStories (in domain) and WikiText-2 (another domain).
 
     python benchmarks/apt_ood_stories.py --out benchmarks/results/apt_ood_stories.json
@@ -27,7 +27,8 @@ from prunetune.paths import DEFAULT_MODEL  # noqa: E402
 #: "apt" in results made before APT's default became select="admm" is "apt-sparsegpt" here
 #: name -> (method, options, dampening)
 VARIANTS = {"sparsegpt": ("sparsegpt", {}, 0.01), "apt-sparsegpt": ("apt", {"select": "sparsegpt"}, 0.01),
-            "apt-admm": ("apt", {"select": "admm"}, 0.01), "apt-admm-d0.1": ("apt", {"select": "admm"}, 0.1)}
+            "apt-admm": ("apt", {"select": "admm"}, 0.01), "apt-admm-d0.03": ("apt", {"select": "admm"}, 0.03),
+            "apt-admm-d0.1": ("apt", {"select": "admm"}, 0.1)}
 
 
 def ppl(model, a) -> dict:

@@ -5,7 +5,8 @@
 
 Compares prunetune's sparsegpt and apt with a straightforward implementation of the published SparseGPT
 algorithm (Frantar & Alistarh 2023, block 128, lazy batch updates; written out below as the yardstick),
-on the same H (from 128 x 512 tokens of correlated synthetic activations) and the same dampening.
+on the same H (from 128 x 512 tokens of correlated synthetic activations), each with its default dampening
+(APT: 0.03, the others 0.01).
 Reported: seconds per shape (median of --repeats), relative layer error tr(dW H dW^T) / tr(W H W^T).
 """
 
@@ -60,8 +61,10 @@ def main():
     ap.add_argument("--tokens", type=int, default=128 * 512)
     ap.add_argument("--out", default="benchmarks/results/method_speed.json")
     a = ap.parse_args()
-    res = {"protocol": {"shapes": SHAPES, "tokens": a.tokens, "damp": 0.01, "blocksize": 128, "repeats": a.repeats,
-                        "H": "2/N X^T X of correlated synthetic activations", "versions": versions(), "machine": machine()},
+    damp = {"reference": 0.01, **{m: get_method(m).damp for m in ("sparsegpt", "apt")}}  # each method's default
+    res = {"protocol": {"shapes": SHAPES, "tokens": a.tokens, "damp": damp, "blocksize": 128, "repeats": a.repeats,
+                        "H": "2/N X^T X of correlated synthetic activations", "versions": versions(), "machine": machine(),
+                        "command": " ".join(["python", "benchmarks/method_speed.py", *sys.argv[1:]])},
            "results": {}}
     Hs = {n: make_h(n_in, a.tokens, i) for i, (n, (_, n_in)) in enumerate(SHAPES.items())}
     for setting in a.settings:

@@ -148,6 +148,22 @@ def test_owl_nonuniform(tmp_path, stories_dir):
     assert max(vals) - min(vals) <= 2 * 0.08 + 1e-9
 
 
+def test_damp_is_the_methods_own_unless_given(tmp_path, stories_dir):
+    """APT's solves are dampened more than SparseGPT's by default (a ridge that keeps its refit from fitting the
+    calibration text alone); the report records the value used, and ``damp`` overrides it."""
+    from prunetune.pruning.methods import get_method
+    from prunetune.pruning.methods.apt import APT_DAMP
+
+    assert get_method("sparsegpt").damp == 0.01 and get_method("apt").damp == APT_DAMP > 0.01
+    opts = {"select": "sparsegpt"}
+    rep = prune(stories_dir, method="apt", sparsity="0.5", out=tmp_path / "a", method_opts=opts, **CAL)
+    assert rep["manifest"]["damp"] == APT_DAMP
+    rep = prune(stories_dir, method="apt", sparsity="0.5", out=tmp_path / "b", method_opts=opts, damp=0.02, **CAL)
+    assert rep["manifest"]["damp"] == 0.02
+    rep = prune(stories_dir, method="sparsegpt", sparsity="0.5", out=tmp_path / "c", **CAL)
+    assert rep["manifest"]["damp"] == 0.01
+
+
 def test_sigkill_and_resume_identical(tmp_path, stories_dir):
     args = ["prune", "--model", stories_dir, "--method", "sparsegpt", "--sparsity", "2:4", "--calib", "tinystories",
             "--nsamples", "8", "--seqlen", "64", "--device", "cpu"]

@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (clipped to the model's context)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
-    p.add_argument("--damp", type=float, default=0.01, help="Hessian dampening λ (fraction of the mean diagonal)")
+    p.add_argument("--damp", type=float, default=None,
+                   help="Hessian dampening λ, a fraction of the mean diagonal (default: the method's, 0.01; apt 0.03)")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (also APT's start)")
     p.add_argument("--owl", action="store_true", help="non-uniform layer ratios from outlier ratios (OWL)")
     p.add_argument("--no-true-sequential", action="store_true", help="prune all linears of a layer from one pass")

@@ -53,7 +53,7 @@ def _fingerprint(protocol: dict) -> str:
 
 
 def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples: int = 128, seqlen: int = 2048,
-          seed: int = 0, damp: float = 0.01, blocksize: int = 128, owl: bool = False, owl_lambda: float = 0.08,
+          seed: int = 0, damp: float | None = None, blocksize: int = 128, owl: bool = False, owl_lambda: float = 0.08,
           owl_m: float = 5.0, true_sequential: bool = True, eval_corpora=None, eval_seqlen: int = 512,
           eval_max_windows: int | None = None, dtype: str = "float32", device: str | None = None,
           overwrite: bool = False, resume: bool = False, batch_size: int = 8, method_opts: dict | None = None,
@@ -61,8 +61,8 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
     """Prune ``model`` (HF dir, Hub id or GGUF) and write a plain HF checkpoint plus ``prune_report.json`` to ``out``.
 
     ``sparsity``: 0.5 = half of every pruned matrix is zero; "2:4" keeps 2 of every 4 consecutive input
-    weights. Local safetensors checkpoints are streamed one layer at a time (bounded memory); others are
-    loaded whole. The activations between layers stay in RAM up to ``cache_budget`` MB (``"auto"``: a quarter
+    weights. ``damp``: Hessian dampening (None: the method's default, see `methods.register`). Local
+    safetensors checkpoints are streamed one layer at a time (bounded memory); others are loaded whole. The activations between layers stay in RAM up to ``cache_budget`` MB (``"auto"``: a quarter
     of the memory available), else on disk in the working folder. ``resume=True`` continues a killed run from
     its last finished layer. ``compute_dtype``: what each layer runs in while it is pruned (``"auto"``: float32 on
     a CPU for a bfloat16/float16 model, else ``dtype``); the written weights keep ``dtype``.
@@ -75,6 +75,7 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
         raise PrunetuneError(f"--nsamples must be positive (got {nsamples})")
     if seqlen <= 0:
         raise PrunetuneError(f"--seqlen must be positive (got {seqlen})")
+    damp = pm.damp if damp is None else damp
     if damp < 0:
         raise PrunetuneError(f"--damp must be non-negative (got {damp})")
     if owl and spec.kind != "unstructured":

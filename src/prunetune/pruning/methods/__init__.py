@@ -1,6 +1,6 @@
 """Registry of one-shot pruning methods.
 
-A method is a function ``fn(W, H, spec, *, damp=0.01, blocksize=128, **opts) -> Tensor``:
+A method is a function ``fn(W, H, spec, *, damp=<its default>, blocksize=128, **opts) -> Tensor``:
 
 * ``W``: float32 weight (out × in); never modified in place;
 * ``H``: what the method declared it ``needs`` of the calibration inputs ``X`` (in × N tokens):
@@ -8,6 +8,9 @@ A method is a function ``fn(W, H, spec, *, damp=0.01, blocksize=128, **opts) -> 
   no in × in matrix is ever built; ``"none"`` — None (the driver runs no calibration statistics for it);
 * ``spec``: a `SparsitySpec`;
 * returns the new weight (same shape, working dtype), pruned entries exactly 0.0.
+
+``damp`` is the Hessian dampening λ (``H + λ·mean(diag H)·I``); each method registers its default (0.01, as
+SparseGPT; APT's is larger, see its docstring), used when the caller gives none.
 
 Adding a method = adding one module to this package that decorates its function with `register`;
 modules here are discovered automatically (names starting with ``_`` are skipped).
@@ -34,6 +37,7 @@ class PruneMethod:
     fn: Callable
     needs: str
     doc: str
+    damp: float = 0.01  # default Hessian dampening
 
     @property
     def needs_hessian(self) -> bool:
@@ -43,9 +47,9 @@ class PruneMethod:
 _REGISTRY: dict[str, PruneMethod] = {}
 
 
-def register(name: str, needs: str = "hessian"):
+def register(name: str, needs: str = "hessian", damp: float = 0.01):
     """Decorator: register ``fn`` under ``name`` (its docstring's first paragraph becomes ``doc``); ``needs``:
-    ``"hessian"``, ``"norms"`` or ``"none"`` (see the module docstring)."""
+    ``"hessian"``, ``"norms"`` or ``"none"`` (see the module docstring); ``damp``: its default dampening."""
     if needs not in NEEDS:
         raise ValueError(f"needs must be one of {NEEDS} (got {needs!r})")
 
@@ -53,7 +57,7 @@ def register(name: str, needs: str = "hessian"):
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"pruning method '{name}' registered twice")
         doc = (fn.__doc__ or "").strip().split("\n\n")[0]
-        _REGISTRY[name] = PruneMethod(name, fn, needs, " ".join(doc.split()))
+        _REGISTRY[name] = PruneMethod(name, fn, needs, " ".join(doc.split()), float(damp))
         return fn
 
     return deco
