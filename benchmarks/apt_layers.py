@@ -18,8 +18,8 @@ Protocol: the inputs of q_proj, o_proj, gate_proj and down_proj of layers 0, 8, 
 (not the sequentially pruned one: every method sees the same H), captured on ``--nsamples`` x ``--seqlen`` tokens
 of C4 (the calibration domain: every method's H; ``--calib``) and, separately, of WikiText-2 (another domain:
 only scored; ``--score``).
-H = 2 X Xᵀ / N in float64, cast to float32; each method runs in float32 as shipped (dampening 0.01, block
-128). Reported per setting: the mean over the 20 linears of each method's layer error relative to SparseGPT's,
+H = 2 X Xᵀ / N in float64, cast to float32; each method runs in float32 as shipped (dampening 0.01, or X for
+the ``-dX`` variants; block 128). Reported per setting: the mean over the 20 linears of each method's layer error relative to SparseGPT's,
 under the C4 H (what the methods minimise) and the WikiText-2 H (does the gain carry over?), and the summed
 method time relative to SparseGPT's.
 """
@@ -44,15 +44,17 @@ from prunetune.pruning.methods import get_method  # noqa: E402
 
 LAYERS = [0, 8, 16, 24, 29]
 LINEARS = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
-#: "apt" in results made before APT's default became select="admm" is "apt-sparsegpt" here
-VARIANTS = {"sparsegpt": ("sparsegpt", {}), "apt-sparsegpt": ("apt", {"select": "sparsegpt"}),
-            "apt-admm": ("apt", {"select": "admm"}), "apt-admm-row": ("apt", {"select": "admm", "admm_scope": "row"}),
-            "apt-direct": ("apt", {"select": "sparsegpt", "solver": "direct"}),  # exact refit of SparseGPT's mask
-            # the default with more dampening (a ridge pulling kept weights toward their values), mask and refit
+#: "apt" in results made before APT's default became select="admm" is "apt-sparsegpt" here; every variant names
+#: its dampening (APT's default became 0.03 after the results with 0.01 were taken)
+VARIANTS = {"sparsegpt": ("sparsegpt", {"damp": 0.01}), "apt-sparsegpt": ("apt", {"select": "sparsegpt", "damp": 0.01}),
+            "apt-admm": ("apt", {"select": "admm", "damp": 0.01}),
+            "apt-admm-row": ("apt", {"select": "admm", "admm_scope": "row", "damp": 0.01}),
+            "apt-direct": ("apt", {"select": "sparsegpt", "solver": "direct", "damp": 0.01}),  # exact, SparseGPT's mask
+            # the ADMM mask with more dampening (a ridge pulling kept weights toward their values), mask and refit
             **{f"apt-admm-d{d}": ("apt", {"select": "admm", "damp": float(d)}) for d in ("0.03", "0.1", "0.3", "1")}}
 #: variants whose refit is documented as exact: their float32 result is compared with the float64 direct optimum
 #: for their own mask (``refit_gap``: relative excess of the dampened layer error)
-EXACT = ("apt-admm", "apt-admm-row", "apt-direct")
+EXACT = ("apt-admm", "apt-admm-row", "apt-direct", "apt-admm-d0.03")
 
 
 def capture(model_dir: str, nsamples: int, seqlen: int, cache: Path, corpora=("c4", "wikitext2")) -> dict:
@@ -89,12 +91,12 @@ def capture(model_dir: str, nsamples: int, seqlen: int, cache: Path, corpora=("c
     return out
 
 
-def refit_gap(W, H, W_new) -> float:
-    """How far a float32 refit is above the float64 direct optimum for its own mask (dampened H, 0.01)."""
+def refit_gap(W, H, W_new, damp: float) -> float:
+    """How far a float32 refit is above the float64 direct optimum for its own mask (H dampened by ``damp``)."""
     from prunetune.pruning.hessian import prepare_hessian
     from prunetune.pruning.methods.apt import exact_solve
 
-    prep = prepare_hessian(H.double(), W.double(), 0.01)
+    prep = prepare_hessian(H.double(), W.double(), damp)
     opt = exact_solve(prep.W, prep.H, W_new == 0, solver="direct")
     e_opt = layer_error(W.double(), opt, prep.H)
     return layer_error(W.double(), W_new.double(), prep.H) / e_opt - 1
@@ -150,7 +152,7 @@ def main():
                     row[v] = {**{f"err_{c}": e[c] for c in corpora}, "time_s": round(dt, 4),
                               **{f"{c}_vs_first": e[c] / ref[c] for c in corpora}}
                     if v in EXACT:
-                        row[v]["refit_gap"] = refit_gap(W, Hc, Wn)
+                        row[v]["refit_gap"] = refit_gap(W, Hc, Wn, opts["damp"])
                         gaps.setdefault(v, []).append(row[v]["refit_gap"])
                     for c in corpora:
                         sums[v][c] += e[c] / ref[c]

@@ -62,10 +62,11 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
 
     ``sparsity``: 0.5 = half of every pruned matrix is zero; "2:4" keeps 2 of every 4 consecutive input
     weights. ``damp``: Hessian dampening (None: the method's default, see `methods.register`). Local
-    safetensors checkpoints are streamed one layer at a time (bounded memory); others are loaded whole. The activations between layers stay in RAM up to ``cache_budget`` MB (``"auto"``: a quarter
-    of the memory available), else on disk in the working folder. ``resume=True`` continues a killed run from
-    its last finished layer. ``compute_dtype``: what each layer runs in while it is pruned (``"auto"``: float32 on
-    a CPU for a bfloat16/float16 model, else ``dtype``); the written weights keep ``dtype``.
+    safetensors checkpoints are streamed one layer at a time (bounded memory); others are loaded whole. The
+    activations between layers stay in RAM up to ``cache_budget`` MB (``"auto"``: a quarter of the memory
+    available), else on disk in the working folder. ``resume=True`` continues a killed run from its last
+    finished layer. ``compute_dtype``: what each layer runs in while it is pruned (``"auto"``: float32 on a CPU
+    for a bfloat16/float16 model, else ``dtype``); the written weights keep ``dtype``.
     """
     from ..api import _device
 
