@@ -115,7 +115,7 @@ VARIANTS = {"apt-admm": ("apt", {"select": "admm"}, {"damp": 0.01}),
             "apt-admm-d0.1": ("apt", {"select": "admm"}, {"damp": 0.1}),
             "apt-admm-d0.03-owl": ("apt", {"select": "admm"}, {"damp": 0.03, "owl": True}),
             "apt-sparsegpt": ("apt", {"select": "sparsegpt"}, {"damp": 0.01}),
-            "sparsegpt-owl": ("sparsegpt", {}, {"owl": True}), "apt-owl": ("apt", {}, {"owl": True}),
+            "sparsegpt-owl": ("sparsegpt", {}, {"owl": True}),
             "apt-admm-owl": ("apt", {"select": "admm"}, {"damp": 0.01, "owl": True}),
             "apt-sparsegpt-owl": ("apt", {"select": "sparsegpt"}, {"damp": 0.01, "owl": True})}
 
