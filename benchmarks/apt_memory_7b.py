@@ -5,11 +5,14 @@
 
 A random weight of a Llama-2-7B MLP shape (gate_proj 11008 x 4096, down_proj 4096 x 11008) and a correlated H
 (2 X Xᵀ / N from 2·in random samples, an eighth of the inputs 10x larger), float32, 1 thread. Reported: the peak
-resident memory of each phase above what the process held before it (VmHWM reset before each), and the whole
-method's peak above its inputs. ADMM runs ``--admm-iter`` iterations (every iteration holds the same buffers,
-so a few show the peak); the refit (CG from ADMM's iterate) is run for gate_proj only (``--refit``), since
-from an unconverged ADMM start it takes long at 11008 inputs; for both, the refit's largest allocation (its CG
-preconditioner, one in x in) is measured on its own.
+resident memory of each phase above what the process held before it (VmHWM reset before each) and above the
+inputs W and H alone (``peak_above_inputs_mb``: what the method adds to a caller's peak, the number to set
+against SparseGPT's whole-method row). APT's phases are its default path: H dampened in place (put back at the
+end), W not copied, SparseGPT for the error to beat, ADMM, the refit's preconditioner, the refit written over
+ADMM's iterate. ADMM runs ``--admm-iter`` iterations (every iteration holds the same buffers, so a few show
+the peak); the refit (CG from ADMM's iterate) is run for gate_proj only (``--refit``), since from an unconverged
+ADMM start it takes long at 11008 inputs; for the others only its largest allocation (the CG preconditioner, one
+in x in) is measured, with the rest of the refit's memory (CG state in ~4M-element chunks) from gate_proj's run.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from prunetune.pruning.admm import admm_mask
 from prunetune.pruning.hessian import prepare_hessian
 from prunetune.pruning.masks import num_pruned, parse_sparsity
 from prunetune.pruning.methods import get_method
-from prunetune.pruning.methods.apt import cg_preconditioner, exact_solve
+from prunetune.pruning.methods.apt import APT_DAMP, cg_preconditioner, exact_solve
 from prunetune.pruning.methods.sparsegpt import sparsegpt_prune
 
 SHAPES = {"gate_proj": (11008, 4096), "down_proj": (4096, 11008)}
@@ -50,11 +53,13 @@ def _reset() -> float:
     return _status("VmRSS")
 
 
-def _phase(name, fn, out):
+def _phase(name, fn, out, inputs):
     base = _reset()
     t = time.time()
     res = fn()
-    out[name] = {"peak_above_mb": round(_status("VmHWM") - base, 1), "time_s": round(time.time() - t, 1)}
+    peak = _status("VmHWM")
+    out[name] = {"peak_above_mb": round(peak - base, 1), "peak_above_inputs_mb": round(peak - inputs, 1),
+                 "time_s": round(time.time() - t, 1)}
     print(name, out[name], flush=True)
     return res
 
@@ -82,19 +87,23 @@ def main():
         H = 2 * (X @ X.t()) / X.shape[1]
         del X
         r = {"weight_mb": round(W.numel() * 4 / 2**20, 1), "h_mb": round(H.numel() * 4 / 2**20, 1)}
-        _phase("sparsegpt (whole method)", lambda: get_method("sparsegpt").fn(W, H, spec), r)
-        prep = _phase("apt: prepare H (damp, SparseGPT's factor)",
-                      lambda: prepare_hessian(H, W, 0.01, upper_inverse=True), r)
+        inputs = _reset()
+        _phase("sparsegpt (whole method)", lambda: get_method("sparsegpt").fn(W, H, spec), r, inputs)
+        prep = _phase("apt: prepare H (in place, SparseGPT's factor)",
+                      lambda: prepare_hessian(H, W, APT_DAMP, upper_inverse=True, in_place=True), r, inputs)
         _phase("apt: SparseGPT's mask for the error to beat",
-               lambda: sparsegpt_prune(W, H, spec, prepared=prep)[0], r)
+               lambda: sparsegpt_prune(W, H, spec, prepared=prep)[0], r, inputs)
         prep.U = None
         keep = rows * cols - num_pruned(rows * cols, spec.sparsity)
         mask, last, _ = _phase("apt: ADMM mask", lambda: admm_mask(prep.W, prep.H, keep=keep, max_iter=a.admm_iter,
-                                                                    min_iter=1), r)
-        _phase("apt: refit's CG preconditioner", lambda: cg_preconditioner(prep.H), r)
+                                                                    min_iter=1), r, inputs)
+        mask |= prep.dead
         if name in a.refit:
-            _phase("apt: exact refit (CG from ADMM's iterate)",
-                   lambda: exact_solve(prep.W, prep.H, mask | prep.dead, x0=last), r)
+            _phase("apt: exact refit (CG from ADMM's iterate, written over it)",
+                   lambda: exact_solve(prep.W, prep.H, mask, x0=last, overwrite_x0=True), r, inputs)
+        else:
+            _phase("apt: refit's CG preconditioner", lambda: cg_preconditioner(prep.H), r, inputs)
+        prep.restore()
         res[name] = r
         del prep, mask, last
     write_json_atomic(Path(a.out), res)

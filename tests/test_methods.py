@@ -258,6 +258,41 @@ def test_lean_factorization_is_the_same_factorization():
 
 # ------------------------------------------------------------------------------------------- APT maths
 
+
+
+def test_in_place_dampening_is_the_same_dampening_and_is_undone():
+    """APT dampens the caller's H in place (one in × in fewer at a 7B down_proj): the same bits as the copying
+    path, W not copied unless an input is dead, and after ``restore`` (or a failed retry) H is as it was."""
+    W, _, H = problem(8, 24, 40)
+    H0 = H.clone()
+    copy = prepare_hessian(H, W, 0.03, upper_inverse=True)
+    own = prepare_hessian(H, W, 0.03, upper_inverse=True, in_place=True)
+    assert own.H is H and own.W is W and torch.equal(own.H, copy.H) and torch.equal(own.U, copy.U)
+    own.restore()
+    own.restore()
+    assert torch.equal(H, H0) and own.H is None
+    H[5, :] = H[:, 5] = 0  # a dead input: W's copy has that column zeroed, W itself is left alone
+    H0, W0 = H.clone(), W.clone()
+    copy = prepare_hessian(H, W, 0.03)
+    own = prepare_hessian(H, W, 0.03, in_place=True)
+    assert torch.equal(own.H, copy.H) and torch.equal(own.L, copy.L) and torch.equal(own.W, copy.W)
+    assert own.W is not W and torch.equal(W, W0)
+    own.restore()
+    assert torch.equal(H, H0)
+    bad = -torch.eye(40, dtype=torch.float64)  # never positive definite: every retry undone, then the error
+    bad0 = bad.clone()
+    with pytest.raises(PrunetuneError):
+        prepare_hessian(bad, W, 0.03, in_place=True, retries=2)
+    assert torch.equal(bad, bad0)
+
+
+@pytest.mark.parametrize("sp", ["0.5", "2:4"])
+def test_apt_leaves_the_callers_h_and_w_as_they_were(sp):
+    W, _, H = problem(16, 32, 1200)  # 1,200 inputs: the refit goes by CG and writes over ADMM's iterate
+    H[7, :] = H[:, 7] = 0
+    W0, H0 = W.clone(), H.clone()
+    out = fn("apt")(W, H, parse_sparsity(sp), admm_iter=12)
+    assert torch.equal(W, W0) and torch.equal(H, H0) and (out[:, 7] == 0).all()
 def lstsq_rows(W, X, keep):
     """Per row: min over v of ||v X_K − w X||, solved by torch.linalg.lstsq on the kept inputs."""
     out = torch.zeros_like(W)

@@ -57,6 +57,16 @@ def _damped(H: Tensor, damp: float) -> Tensor:
     return H
 
 
+def _damp_in_place(H: Tensor, damp: float) -> Tensor:
+    """`_damped`'s arithmetic on ``H`` itself; returns the original diagonal (for `PreparedHessian.restore`)."""
+    saved = H.diagonal().clone()
+    diag = H.diagonal()
+    diag[diag == 0] = 1.0
+    if damp:
+        diag += damp * diag.mean()
+    return saved
+
+
 def _reverse_(X: Tensor, chunk: int = 512) -> Tensor:
     """``X ← J X J`` (rows and columns reversed) in place, through a buffer of ``chunk`` rows."""
     n = X.shape[0]
@@ -101,6 +111,14 @@ class PreparedHessian:
     damp: float          # λ actually used
     L: Tensor | None     # lower Cholesky factor of H (None when U was asked for: made on demand by `inverse`)
     U: Tensor | None     # upper Cholesky factor of H⁻¹ (when requested)
+    saved_diag: Tensor | None = None  # ``in_place``: the caller's own diagonal, put back by `restore`
+
+    def restore(self) -> None:
+        """``in_place``: give the caller's H its own diagonal back (bit for bit); ``H`` here is then undampened,
+        so the result must not be used after. A no-op otherwise, and when called twice."""
+        if self.saved_diag is not None:
+            self.H.diagonal().copy_(self.saved_diag)
+            self.saved_diag = self.H = None
 
     def inverse(self, dtype: torch.dtype | None = None) -> Tensor:
         """``H⁻¹`` (computed in float64 for accuracy, returned in ``dtype`` or the working dtype)."""
@@ -116,11 +134,16 @@ def _retry_damps(damp: float, retries: int) -> list[float]:
 
 def prepare_hessian(H: Tensor, W: Tensor, damp: float = 0.01, *, upper_inverse: bool = False,
                     retries: int = DEFAULT_RETRIES, dtype: torch.dtype | None = None,
-                    keep_h: bool = True) -> PreparedHessian:
+                    keep_h: bool = True, in_place: bool = False) -> PreparedHessian:
     """Dead-input handling + dampening + Cholesky factor(s), retrying with 10x more dampening on failure.
 
     ``keep_h=False`` (with ``upper_inverse``): the dampened H is not kept (``H`` of the result is None), so only
-    ``U`` and one scratch matrix exist besides the caller's ``H`` — what SparseGPT alone needs."""
+    ``U`` and one scratch matrix exist besides the caller's ``H`` — what SparseGPT alone needs.
+
+    ``in_place=True``: the dampened H *is* the caller's ``H`` (when already in the working dtype), its diagonal
+    changed in place, and ``W`` is not copied when no input is dead: one ``in × in`` and one weight fewer for a
+    method that needs the dampened H throughout (APT). The caller must call ``restore()`` on the result (in a
+    ``finally``) before using its ``H`` again; the values are the same bits as the copying path's."""
     if H is None:
         raise ValueError("this pruning method needs the layer Hessian H (got None)")
     if H.dim() != 2 or H.shape[0] != H.shape[1] or H.shape[0] != W.shape[1]:
@@ -131,7 +154,12 @@ def prepare_hessian(H: Tensor, W: Tensor, damp: float = 0.01, *, upper_inverse: 
     dead = Hc.diagonal() == 0
     damps = _retry_damps(float(damp), retries)
     for attempt, lam in enumerate(damps):
-        Hd, W0 = damp_hessian(Hc, Wc, lam)
+        saved = None
+        if in_place:
+            W0 = Wc.clone().index_fill_(1, dead.nonzero().squeeze(1), 0.0) if bool(dead.any()) else Wc
+            Hd = _damped(Hc, lam) if upper_inverse else None  # U's scratch copy, factored in place below
+        else:
+            Hd, W0 = damp_hessian(Hc, Wc, lam)
         L = U = None
         if upper_inverse:  # U's own Cholesky proves H positive definite; L is made only if asked for
             A, Hd = _reverse_(Hd), None  # factored in place
@@ -139,12 +167,19 @@ def prepare_hessian(H: Tensor, W: Tensor, damp: float = 0.01, *, upper_inverse: 
             del A
             ok = U is not None
             if ok and keep_h:  # made again rather than kept through U's making: one in × in fewer at the peak
-                Hd = _damped(Hc, lam)
+                if in_place:
+                    saved, Hd = _damp_in_place(Hc, lam), Hc
+                else:
+                    Hd = _damped(Hc, lam)
         else:
+            if in_place:
+                saved, Hd = _damp_in_place(Hc, lam), Hc
             L, info = torch.linalg.cholesky_ex(Hd)
             ok = int(info) == 0 and bool(torch.isfinite(L).all())
         if ok:
-            return PreparedHessian(Hd, W0, dead, lam, L, U)
+            return PreparedHessian(Hd, W0, dead, lam, L, U, saved)
+        if saved is not None:
+            Hc.diagonal().copy_(saved)
         if attempt + 1 < len(damps):
             log.warning("Hessian of a %dx%d layer is not positive definite with damp=%g; retrying with damp=%g",
                         W.shape[0], W.shape[1], lam, damps[attempt + 1])

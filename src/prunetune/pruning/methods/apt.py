@@ -205,7 +205,7 @@ _DIRECT_MAX = 512
 
 def exact_solve(W: Tensor, H: Tensor, mask: Tensor, *, Hinv: Tensor | None = None, form: str = "auto",
                 chunk_rows: int | None = None, solver: str = "auto", tol: float | None = None,
-                maxiter: int = 300, x0: Tensor | None = None) -> Tensor:
+                maxiter: int = 300, x0: Tensor | None = None, overwrite_x0: bool = False) -> Tensor:
     """Optimal weights for a fixed removal mask: per row ``ŵ_K = w H_{:,K} (H_KK)⁻¹``, ``ŵ_P = 0``.
 
     ``H`` is the (already dampened, positive definite) Hessian; ``mask`` True = removed. Rows may have
@@ -216,7 +216,8 @@ def exact_solve(W: Tensor, H: Tensor, mask: Tensor, *, Hinv: Tensor | None = Non
     rows to a relative residual ``tol`` (default 1e-6 in float32, 1e-12 in float64), rows that do not
     converge within ``maxiter`` are re-solved directly; "auto" — direct when ``s <= 512``, else cg. ``x0``: a
     start for cg (e.g. ADMM's last iterate: on SmolLM2 layers ~35% fewer iterations and a float32 result
-    within 1e-7 of the float64 optimum instead of up to 1.3e-4 from a cold start).
+    within 1e-7 of the float64 optimum instead of up to 1.3e-4 from a cold start); with ``overwrite_x0`` the cg
+    result is written into ``x0`` (when it has W's dtype and shape) instead of a new weight-sized tensor.
     """
     if form not in ("auto", "K", "P"):
         raise ValueError(f"form must be 'auto', 'K' or 'P' (got {form!r})")
@@ -230,7 +231,9 @@ def exact_solve(W: Tensor, H: Tensor, mask: Tensor, *, Hinv: Tensor | None = Non
         if Hinv is None:
             Hinv = cg_preconditioner(H)
         tol = tol if tol is not None else (1e-12 if W.dtype == torch.float64 else 1e-6)
-        out = W.clone()
+        reuse = (overwrite_x0 and x0 is not None and x0.dtype == W.dtype and x0.shape == W.shape
+                 and x0.is_contiguous())
+        out = x0 if reuse else W.clone()  # each chunk of x0 is read before its rows are written
         step = max(1, _CG_CHUNK // max(1, cols))
         for r0 in range(0, rows, step):
             sl = slice(r0, r0 + step)
@@ -390,31 +393,39 @@ def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = APT_DAM
         raise PrunetuneError(f"apt: maxiter must be a positive integer (got '{maxiter}')")
     if spec.is_nm:
         spec.check_fits(W.shape[1], f"weight of shape {tuple(W.shape)}")
-    prep = prepare_hessian(H, W, damp, upper_inverse=select != "obs")
-    W0 = prep.W
-
-    def solve(mask, x0=None):
-        out = exact_solve(W0, prep.H, mask, Hinv=Hinv, chunk_rows=chunk_rows, solver=solver, x0=x0)
+    def solve(mask, x0=None, overwrite_x0=False):
+        out = exact_solve(W0, prep.H, mask, Hinv=Hinv, chunk_rows=chunk_rows, solver=solver, x0=x0,
+                          overwrite_x0=overwrite_x0)
         out[:, prep.dead] = 0.0
         return out
 
     need_obs = select in ("obs", "best")
-    Hinv = prep.inverse() if need_obs else None
+    Hinv = None
     if select == "admm":
-        # SparseGPT first, for the error to beat; its weights and H⁻¹'s factor are not held through ADMM
-        # (remade in the rare layer that falls back): at a 7B down_proj one 11008² matrix and a weight fewer
-        # at ADMM's peak
-        W_sg, _, _ = sparsegpt_prune(W, H, spec, damp=damp, blocksize=blocksize, prepared=prep)
-        e_sg = float(_row_err(W0, W_sg, prep.H).sum())
-        del W_sg
-        prep.U = None
-        W_admm = solve(*_admm_mask(W0, prep, spec, admm_scope, admm_iter))
-        e_admm = float(_row_err(W0, W_admm, prep.H).sum())
+        # The dampened H is the caller's own, its diagonal changed in place and put back before returning, and W
+        # is not copied (no dead input): one in × in and one weight fewer in every phase. SparseGPT first, for
+        # the error to beat; its weights and H⁻¹'s factor are not held through ADMM (remade in the rare layer
+        # that falls back); the refit writes over ADMM's iterate. At a 7B down_proj: 1.1 GB above the inputs
+        # at the peak (ADMM), SparseGPT alone 1.2 GB.
+        prep = prepare_hessian(H, W, damp, upper_inverse=True, in_place=True)
+        try:
+            W0 = prep.W
+            W_sg, _, _ = sparsegpt_prune(W, H, spec, damp=damp, blocksize=blocksize, prepared=prep)
+            e_sg = float(_row_err(W0, W_sg, prep.H).sum())
+            del W_sg
+            prep.U = None
+            mask, last = _admm_mask(W0, prep, spec, admm_scope, admm_iter)
+            W_admm = solve(mask, last, overwrite_x0=True)
+            del mask, last
+            e_admm = float(_row_err(W0, W_admm, prep.H).sum())
+        finally:
+            prep.restore()
         if math.isfinite(e_admm) and e_admm <= e_sg:
             return W_admm
         del W_admm  # the whole layer on SparseGPT's mask, refit exactly (CG from SparseGPT's weights)
-        prep = prepare_hessian(H, W, damp, upper_inverse=True)
-        W0 = prep.W
+    prep = prepare_hessian(H, W, damp, upper_inverse=select != "obs")
+    W0 = prep.W
+    Hinv = prep.inverse() if need_obs else None
     if need_obs:
         if spec.is_nm:
             obs_mask = _obs_mask_nm(W0, Hinv, spec.n, spec.m, chunk_rows)
