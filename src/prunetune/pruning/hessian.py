@@ -47,23 +47,24 @@ def damp_hessian(H: Tensor, W: Tensor, damp: float) -> tuple[Tensor, Tensor]:
     return _damped(H, damp), W
 
 
-def _damped(H: Tensor, damp: float) -> Tensor:
-    """The dampened copy of ``H`` that `damp_hessian` returns."""
-    H = H.clone()
+def _damp_diagonal_(H: Tensor, damp: float) -> None:
     diag = H.diagonal()
     diag[diag == 0] = 1.0
     if damp:
         diag += damp * diag.mean()
+
+
+def _damped(H: Tensor, damp: float) -> Tensor:
+    """The dampened copy of ``H`` that `damp_hessian` returns."""
+    H = H.clone()
+    _damp_diagonal_(H, damp)
     return H
 
 
 def _damp_in_place(H: Tensor, damp: float) -> Tensor:
     """`_damped`'s arithmetic on ``H`` itself; returns the original diagonal (for `PreparedHessian.restore`)."""
     saved = H.diagonal().clone()
-    diag = H.diagonal()
-    diag[diag == 0] = 1.0
-    if damp:
-        diag += damp * diag.mean()
+    _damp_diagonal_(H, damp)
     return saved
 
 

@@ -393,6 +393,7 @@ def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = APT_DAM
         raise PrunetuneError(f"apt: maxiter must be a positive integer (got '{maxiter}')")
     if spec.is_nm:
         spec.check_fits(W.shape[1], f"weight of shape {tuple(W.shape)}")
+
     def solve(mask, x0=None, overwrite_x0=False):
         out = exact_solve(W0, prep.H, mask, Hinv=Hinv, chunk_rows=chunk_rows, solver=solver, x0=x0,
                           overwrite_x0=overwrite_x0)
