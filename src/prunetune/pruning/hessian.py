@@ -154,10 +154,11 @@ def prepare_hessian(H: Tensor, W: Tensor, damp: float = 0.01, *, upper_inverse: 
     Wc = W.to(dtype)
     dead = Hc.diagonal() == 0
     damps = _retry_damps(float(damp), retries)
+    if in_place:  # W with dead columns zeroed, as damp_hessian makes it; W itself when there are none
+        W0 = Wc.clone().index_fill_(1, dead.nonzero().squeeze(1), 0.0) if bool(dead.any()) else Wc
     for attempt, lam in enumerate(damps):
         saved = None
         if in_place:
-            W0 = Wc.clone().index_fill_(1, dead.nonzero().squeeze(1), 0.0) if bool(dead.any()) else Wc
             Hd = _damped(Hc, lam) if upper_inverse else None  # U's scratch copy, factored in place below
         else:
             Hd, W0 = damp_hessian(Hc, Wc, lam)

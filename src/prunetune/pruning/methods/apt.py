@@ -406,8 +406,8 @@ def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = APT_DAM
         # The dampened H is the caller's own, its diagonal changed in place and put back before returning, and W
         # is not copied (no dead input): one in × in and one weight fewer in every phase. SparseGPT first, for
         # the error to beat; its weights and H⁻¹'s factor are not held through ADMM (remade in the rare layer
-        # that falls back); the refit writes over ADMM's iterate. At a 7B down_proj: 1.1 GB above the inputs
-        # at the peak (ADMM), SparseGPT alone 1.2 GB.
+        # that falls back); the refit writes over ADMM's iterate. At a 7B down_proj: 1,361 MiB above the inputs
+        # at the peak (ADMM), SparseGPT alone 1,285 MiB (benchmarks/apt_memory_7b.py).
         prep = prepare_hessian(H, W, damp, upper_inverse=True, in_place=True)
         try:
             W0 = prep.W
