@@ -39,10 +39,11 @@ CONFIG = {  # Llama-2-7B shapes
 }
 
 
-def write_checkpoint(d: Path, seed: int = 0, layers: int | None = None) -> int:
-    """Write the checkpoint; ``layers`` overrides the depth (the per-layer shapes stay the 7B ones)."""
+def write_checkpoint(d: Path, seed: int = 0, layers: int | None = None, shapes: dict | None = None) -> int:
+    """Write the checkpoint; ``layers`` overrides the depth (the per-layer shapes stay the 7B ones unless
+    ``shapes`` overrides config entries, e.g. for a quick check of a script)."""
     d.mkdir(parents=True, exist_ok=True)
-    config = dict(CONFIG, num_hidden_layers=layers or CONFIG["num_hidden_layers"])
+    config = dict(CONFIG, num_hidden_layers=layers or CONFIG["num_hidden_layers"], **(shapes or {}))
     g = torch.Generator().manual_seed(seed)
     h, f, L, V = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
 

@@ -184,6 +184,8 @@ def test_sigkill_and_resume_identical(tmp_path, stories_dir):
     # the killed part's time and peak memory up to its last finished layer are in the final report
     (part,) = man["earlier_parts"]
     assert (part["from_layer"], part["to_layer"]) == (0, 2) and part["peak_rss_mb"] > 0 and part["wall_time_s"] > 0
+    # and every layer's own wall time, the killed part's three from the journal
+    assert len(man["layer_wall_time_s"]) == 5 and all(t >= 0 for t in man["layer_wall_time_s"])
     assert not partial_dir_for(out).exists()
 
 

@@ -177,10 +177,11 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
             with atomic_output_dir(out_path, overwrite=overwrite, keep_partial=resumable) as tmp:
                 writer = ShardWriter(tmp)
                 cache = ActivationCache(tmp / RESUME, shapes, torch_dtype, budget_mb)
-                start_layer, slot, done, layer_specs, earlier = 0, "a", [], None, []
+                start_layer, slot, done, layer_specs, earlier, layer_times = 0, "a", [], None, [], []
                 if resume:
                     start_layer, slot = state["layer"] + 1, state["slot"]
                     earlier = state.get("parts", [])
+                    layer_times = list(state.get("layer_wall_time_s", []))
                     done = [LayerResult(**r) for r in state["results"]]
                     layer_specs = state.get("layer_specs")
                     layer_specs = [parse_sparsity(x) for x in layer_specs] if layer_specs else None
@@ -210,6 +211,10 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                 def on_layer_done(i, layer, results, hidden, kw, out_slot):
                     prefix = adapter.layer_prefix(i)
                     writer.write(writer.layer_file(i), {prefix + k: v for k, v in layer.state_dict().items()})
+                    # the layer's wall time: pruning it, its outputs for the next one, and writing it (the copy
+                    # to the CPU also waits for a GPU's queued work)
+                    layer_times.append(round(time.time() - clock[0], 1))
+                    clock[0] = time.time()
                     done.extend(results)
                     # each part of a run that was killed and resumed leaves its time and peak memory up to its
                     # last finished layer, so the final report covers the whole run, not only its last part
@@ -218,10 +223,11 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                     cache.write_journal({"fingerprint": fingerprint, "layer": i, "slot": out_slot,
                                          "results": [asdict(r) for r in done],
                                          "layer_specs": [str(x) for x in layer_specs] if layer_specs else None,
-                                         "parts": earlier + [part]})
+                                         "parts": earlier + [part], "layer_wall_time_s": layer_times})
                     if streaming:
                         release(layer)
 
+                clock = [time.time()]
                 sequential_prune(net, batches=batches, cfg=cfg, device=device, on_layer_done=on_layer_done,
                                  start_layer=start_layer, layer_kwargs=inputs.layer_kwargs, cache=cache, slot=slot,
                                  materialize_layer=materialize_layer if streaming else None, progress=progress)
@@ -232,11 +238,14 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                 report["manifest"] = {"tool": "prunetune", "command": "prune", **protocol, "versions": versions(),
                                       "machine": machine(), "device": device,
                                       "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)),
-                                      "resumed_from_layer": start_layer if resume else None}
+                                      "resumed_from_layer": start_layer if resume else None,
+                                      "layer_wall_time_s": layer_times}
                 if earlier:  # the killed parts before this one, each up to its last finished layer
                     report["manifest"]["earlier_parts"] = earlier
                 report["manifest"].update(wall_time_s=round(time.time() - t_start, 3),
                                           peak_rss_mb=round(peak_rss_mb(), 1))
+                if str(device).startswith("cuda"):  # the allocator's peak since measure() reset it
+                    report["manifest"]["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
                 if eval_corpora:
                     report["eval"] = _eval_pair(src.spec, tmp, eval_corpora, eval_seqlen, eval_max_windows, dtype,
                                                 device)
