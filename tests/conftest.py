@@ -84,6 +84,16 @@ def shared_data() -> Path:
     return d
 
 
+def weights(d: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in folder ``d`` (not its subfolders), by name."""
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return sd
+
+
 def save_tiny(family: str, path: Path, seed: int = 0) -> Path:
     """A tiny random model saved with the stories260K tokenizer when the vocab fits, else a byte-level one."""
     from transformers import AutoTokenizer

@@ -11,24 +11,18 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from prunetune.api import bench, prune, tune
 from prunetune.paths import DEFAULT_MODEL
 from prunetune.pruning.masks import is_nm_valid
 
+from conftest import weights
+
 DEVICE = os.environ.get("PRUNETUNE_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CAL = dict(calib="tinystories", nsamples=8, seqlen=64, progress=False)
-
-
-def _weights(d):
-    sd = {}
-    for f in sorted(d.glob("*.safetensors")):
-        sd.update(load_file(str(f)))
-    return sd
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "apt"])
@@ -39,7 +33,7 @@ def test_prune_on_the_device_is_exact_and_as_good_as_on_the_cpu(tmp_path, method
     dev = prune(DEFAULT_MODEL, method=method, sparsity=sparsity, out=tmp_path / "dev", device=DEVICE, **CAL)
     cpu = prune(DEFAULT_MODEL, method=method, sparsity=sparsity, out=tmp_path / "cpu", device="cpu", **CAL)
     assert dev["manifest"]["device"].startswith(DEVICE.split(":")[0])
-    sd = _weights(tmp_path / "dev")
+    sd = weights(tmp_path / "dev")
     for r in dev["layers"]:
         w = sd[r["name"] + ".weight"]
         assert torch.isfinite(w).all(), r["name"]
@@ -60,7 +54,7 @@ def test_activations_on_disk_give_the_same_model_on_the_device(tmp_path):
     rep = prune(DEFAULT_MODEL, method="sparsegpt", sparsity="0.5", out=tmp_path / "disk", device=DEVICE,
                 cache_budget=0, **CAL)
     assert rep["activation_cache"]["in_ram"] is False
-    a, b = _weights(tmp_path / "ram"), _weights(tmp_path / "disk")
+    a, b = weights(tmp_path / "ram"), weights(tmp_path / "disk")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -72,7 +66,7 @@ def test_spp_on_the_device_keeps_every_zero(tmp_path):
     prune(DEFAULT_MODEL, method="wanda", sparsity="2:4", out=pruned, device="cpu", **CAL)
     rep = tune(pruned, method="spp", out=tmp_path / "spp", merge=True, device=DEVICE, **TUNE)
     assert rep["zero_pattern_check"]["identical"] and rep["zero_pattern_check"]["tensors_checked"] > 0
-    base, merged = _weights(pruned), _weights(tmp_path / "spp")
+    base, merged = weights(pruned), weights(tmp_path / "spp")
     assert any(not torch.equal(merged[k], base[k]) for k in base)  # training moved the weights
     for k, w in base.items():
         assert torch.equal(merged[k] == 0, w == 0), k

@@ -10,9 +10,8 @@ import subprocess
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import assert_clean_error, run_cli, save_tiny
+from conftest import assert_clean_error, run_cli, save_tiny, weights
 from prunetune import cli
 from prunetune.errors import PrunetuneError
 from prunetune.paths import DEFAULT_MODEL
@@ -56,13 +55,6 @@ def pruned(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
-
-
-def weights(d):
-    sd = {}
-    for f in sorted(d.glob("*.safetensors")):
-        sd.update(load_file(str(f)))
-    return sd
 
 
 def assert_same_weights(a, b):

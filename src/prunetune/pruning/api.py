@@ -209,12 +209,13 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                                    compute_dtype=None if run_dtype == torch_dtype else run_dtype)
 
                 def on_layer_done(i, layer, results, hidden, kw, out_slot):
+                    nonlocal layer_start
                     prefix = adapter.layer_prefix(i)
                     writer.write(writer.layer_file(i), {prefix + k: v for k, v in layer.state_dict().items()})
                     # the layer's wall time: pruning it, its outputs for the next one, and writing it (the copy
                     # to the CPU also waits for a GPU's queued work)
-                    layer_times.append(round(time.time() - clock[0], 1))
-                    clock[0] = time.time()
+                    layer_times.append(round(time.time() - layer_start, 1))
+                    layer_start = time.time()
                     done.extend(results)
                     # each part of a run that was killed and resumed leaves its time and peak memory up to its
                     # last finished layer, so the final report covers the whole run, not only its last part
@@ -227,7 +228,7 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                     if streaming:
                         release(layer)
 
-                clock = [time.time()]
+                layer_start = time.time()
                 sequential_prune(net, batches=batches, cfg=cfg, device=device, on_layer_done=on_layer_done,
                                  start_layer=start_layer, layer_kwargs=inputs.layer_kwargs, cache=cache, slot=slot,
                                  materialize_layer=materialize_layer if streaming else None, progress=progress)
