@@ -65,7 +65,7 @@ import torch
 from torch import Tensor
 
 from ...errors import PrunetuneError
-from ..hessian import PreparedHessian, prepare_hessian, row_errors
+from ..hessian import PreparedHessian, prepare_hessian
 from ..masks import SparsitySpec, num_pruned, prune_mask_rows
 from . import register, reject_unknown_opts
 from .sparsegpt import sparsegpt_prune
