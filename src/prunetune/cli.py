@@ -102,15 +102,33 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("shrink", help="one-shot structured shrink: a plain model with a smaller hidden size",
                        formatter_class=_Help,
-                       description="Remove a fraction of the hidden channels (the residual stream) and write a plain, "
-                                   "smaller HF checkpoint (RMSNorm families).\n\n"
+                       description="Remove a fraction of the hidden channels (the residual stream) — or, with --structure, "
+                                   "whole MLP neurons and attention heads — and write a plain, smaller HF checkpoint.\n\n"
+                                   "--structure hidden (RMSNorm families), --method:\n"
                                    "  pca         rotate the residual stream to its principal directions (same "
                                    "function),\n              then drop the directions of least variance\n"
                                    "  activation  drop the channels of least energy at the RMSNorm outputs\n"
-                                   "  magnitude   drop the channels of smallest norm gains and reader weights (no data)")
+                                   "  magnitude   drop the channels of smallest norm gains and reader weights (no data)\n"
+                                   "--structure mlp | heads | mlp+heads (Llama family): --ratio is the share of decoder-layer\n"
+                                   "weights removed as MLP neurons and/or heads (a KV head with its queries, or query heads\n"
+                                   "taken equally from every KV group); down_proj / o_proj are refit exactly on the kept\n"
+                                   "columns, layer by layer (streamed, --resume), --select:\n"
+                                   "  obs         greedy group OBS: remove the unit of least refit error, downdate, repeat\n"
+                                   "  swap        obs, then exchanges of a removed and a kept unit while the exact error drops\n"
+                                   "  magnitude   input-aware magnitude ||W[:, j]||² H_jj (no refit in the choice)")
     _add_common_model(p)
-    p.add_argument("--ratio", type=float, required=True, help="fraction of hidden channels removed, in (0, 1)")
+    p.add_argument("--ratio", type=float, required=True,
+                   help="fraction removed, in (0, 1): of hidden channels, or of decoder-layer weights with --structure")
+    p.add_argument("--structure", default="hidden", choices=["hidden", "mlp", "heads", "mlp+heads"],
+                   help="what is removed: hidden channels, MLP neurons, heads, or both")
     p.add_argument("--method", default="pca", choices=list(SHRINK_METHODS), help=" | ".join(SHRINK_METHODS))
+    p.add_argument("--select", default="obs", choices=["obs", "swap", "magnitude"],
+                   help="how units are chosen (--structure mlp/heads)")
+    p.add_argument("--head-share", type=float, default=None,
+                   help="mlp+heads: share of the removed weights taken from heads (default 0.5, nearest feasible)")
+    p.add_argument("--damp", type=float, default=0.01, help="Hessian dampening of the unit refit")
+    p.add_argument("--resume", action="store_true", help="continue a killed unit shrink from its last finished layer")
+    p.add_argument("--cache-budget", default="auto", help="MB of activations kept in RAM (unit shrink)")
     p.add_argument("--calib", default="c4", help="calibration corpus: c4 | wikitext2 | tinystories | FILE")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (clipped to the model's context)")
@@ -300,7 +318,8 @@ def _cmd_shrink(a):
 
     res = shrink(a.model, ratio=a.ratio, out=a.out, method=a.method, calib=a.calib, nsamples=a.nsamples,
                  seqlen=a.seqlen, seed=a.seed, batch_size=a.batch_size, eval_corpora=a.eval, dtype=a.dtype,
-                 device=a.device, overwrite=a.overwrite)
+                 device=a.device, overwrite=a.overwrite, structure=a.structure, select=a.select,
+                 head_share=a.head_share, damp=a.damp, resume=a.resume, cache_budget=a.cache_budget)
     print(res["summary_table"])
     print(f"wrote {a.out}")
 

@@ -188,6 +188,12 @@ class ModelAdapter:
     #: linears whose forward the model bypasses (it reads ``.weight`` directly): name -> the module whose
     #: output determines their input; ``derive_input`` computes it (see the Mamba adapter)
     derived_inputs: dict[str, str] = {}
+    #: whole-unit removal (``structured/neurons.py``). MLP neurons: (reader, producers, config field) — one
+    #: neuron is one input column of the reader and one output row of every producer. Heads: (attention module,
+    #: reader, query producer, key/value producers) — a query head is ``head_dim`` rows of the query producer and
+    #: columns of the reader; a KV head is ``head_dim`` rows of each key/value producer. None: not supported.
+    mlp_units: tuple[str, list[str], str] | None = None
+    head_units: tuple[str, str, str, list[str]] | None = None
 
     def __init__(self, model: nn.Module):
         self.model = model

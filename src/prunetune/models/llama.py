@@ -20,3 +20,5 @@ class LlamaAdapter(ModelAdapter):
     norm_kind = "rmsnorm"
     norm_readers = {"input_layernorm": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                     "post_attention_layernorm": ["mlp.gate_proj", "mlp.up_proj"]}
+    mlp_units = ("mlp.down_proj", ["mlp.gate_proj", "mlp.up_proj"], "intermediate_size")
+    head_units = ("self_attn", "self_attn.o_proj", "self_attn.q_proj", ["self_attn.k_proj", "self_attn.v_proj"])

@@ -57,7 +57,8 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
           owl_m: float = 5.0, true_sequential: bool = True, eval_corpora=None, eval_seqlen: int = 512,
           eval_max_windows: int | None = None, dtype: str = "float32", device: str | None = None,
           overwrite: bool = False, resume: bool = False, batch_size: int = 8, method_opts: dict | None = None,
-          stream: bool | None = None, cache_budget="auto", compute_dtype: str = "auto", progress: bool = True) -> dict:
+          stream: bool | None = None, cache_budget="auto", compute_dtype: str = "auto", progress: bool = True,
+          units=None) -> dict:
     """Prune ``model`` (HF dir, Hub id or GGUF) and write a plain HF checkpoint plus ``prune_report.json`` to ``out``.
 
     ``sparsity``: 0.5 = half of every pruned matrix is zero; "2:4" keeps 2 of every 4 consecutive input
@@ -67,11 +68,14 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
     available), else on disk in the working folder. ``resume=True`` continues a killed run from its last
     finished layer. ``compute_dtype``: what each layer runs in while it is pruned (``"auto"``: float32 on a CPU
     for a bfloat16/float16 model, else ``dtype``); the written weights keep ``dtype``.
+
+    ``units`` (a ``structured.neurons.UnitPlan``; ``method`` and ``sparsity`` are then ignored): remove whole
+    MLP neurons and heads instead of weights, in the same streamed, resumable driver (``shrink --structure``).
     """
     from ..api import _device
 
-    pm = get_method(method)
-    spec = parse_sparsity(sparsity)
+    pm = get_method(method) if units is None else units
+    spec = parse_sparsity(sparsity) if units is None else units
     if nsamples <= 0:
         raise PrunetuneError(f"--nsamples must be positive (got {nsamples})")
     if seqlen <= 0:
@@ -81,7 +85,8 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
         raise PrunetuneError(f"--damp must be non-negative (got {damp})")
     if owl and spec.kind != "unstructured":
         raise PrunetuneError("--owl sets per-layer unstructured sparsity; it cannot be combined with N:M")
-    check_options(pm, spec, dict(method_opts or {}), damp=damp, blocksize=blocksize)
+    if units is None:
+        check_options(pm, spec, dict(method_opts or {}), damp=damp, blocksize=blocksize)
     device = _device(device)
     torch_dtype = parse_dtype(dtype)
     if compute_dtype == "auto":
@@ -131,6 +136,11 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                 model_info["loading"] = "whole model in memory"
             tok = _load_tokenizer(src)
             adapter = get_adapter(net)
+            if units is not None:
+                from ..structured.neurons import check_plan, geometry
+
+                geometry(net.config, adapter)
+                check_plan(net.config, units)
             for i, layer in enumerate(adapter.layers):
                 for name, lin in adapter.linears(layer).items():
                     if spec.kind == "nm":
@@ -150,6 +160,9 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                 "dtype": str(torch_dtype).replace("torch.", ""), "prunetune": versions()["prunetune"],
                 "compute_dtype": str(run_dtype).replace("torch.", ""),
             }
+            if units is not None:
+                protocol.update(sparsity=None, sparsity_semantics=None, damp=units.damp, blocksize=None,
+                                units=units.describe())
             fingerprint = _fingerprint(protocol)
             if resume:  # checked before the working folder is opened: a refused resume leaves it intact
                 state = read_journal(state_file.parent)
@@ -207,6 +220,10 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                                    true_sequential=true_sequential, method_opts=dict(method_opts or {}),
                                    layer_specs=layer_specs,
                                    compute_dtype=None if run_dtype == torch_dtype else run_dtype)
+                if units is not None:
+                    from ..structured.neurons import new_config, prune_units_layer
+
+                    cfg.layer_fn = prune_units_layer
 
                 def on_layer_done(i, layer, results, hidden, kw, out_slot):
                     nonlocal layer_start
@@ -232,11 +249,15 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                 sequential_prune(net, batches=batches, cfg=cfg, device=device, on_layer_done=on_layer_done,
                                  start_layer=start_layer, layer_kwargs=inputs.layer_kwargs, cache=cache, slot=slot,
                                  materialize_layer=materialize_layer if streaming else None, progress=progress)
+                input_config = net.config
+                if units is not None:  # every layer now has the new sizes: the config says so
+                    net.config = new_config(input_config, units)
                 _write_rest(net, adapter, source, writer, tmp, tok, torch_dtype)
                 shutil.rmtree(tmp / RESUME, ignore_errors=True)
                 report = _report(done, protocol, net, adapter)
                 report["activation_cache"] = cache.describe()
-                report["manifest"] = {"tool": "prunetune", "command": "prune", **protocol, "versions": versions(),
+                command = "prune" if units is None else "shrink"
+                report["manifest"] = {"tool": "prunetune", "command": command, **protocol, "versions": versions(),
                                       "machine": machine(), "device": device,
                                       "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)),
                                       "resumed_from_layer": start_layer if resume else None,
@@ -250,12 +271,18 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                 if eval_corpora:
                     report["eval"] = _eval_pair(src.spec, tmp, eval_corpora, eval_seqlen, eval_max_windows, dtype,
                                                 device)
-                (tmp / REPORT).write_text(json.dumps(report, indent=2, default=str) + "\n")
-                write_manifest(tmp, {"tool": "prunetune", "command": "prune", "fingerprint": fingerprint,
+                if units is not None:
+                    from ..structured.api import units_report
+
+                    report = units_report(report, input_config, units, model_info)
+                (tmp / (REPORT if units is None else "shrink_report.json")).write_text(
+                    json.dumps(report, indent=2, default=str) + "\n")
+                write_manifest(tmp, {"tool": "prunetune", "command": command, "fingerprint": fingerprint,
                                      "source_model": src.location()})
         # wall time and peak memory of the whole job, including the evaluation
         report["manifest"].update(meas.as_dict())
-        report["summary_table"] = summary_table(report)
+        if units is None:
+            report["summary_table"] = summary_table(report)
         return report
 
 

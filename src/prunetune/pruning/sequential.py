@@ -129,6 +129,9 @@ class LayerResult:
     #: against the identity they were dampened towards (pruning/experts.py)
     routed_tokens: int | None = None
     own_data_weight: float | None = None
+    #: whole-unit removal (``structured/neurons.py``): the units of this reader that were kept (MLP neurons, or
+    #: query heads), as indices of the input model
+    kept_units: list | None = None
 
 
 @dataclass
@@ -144,6 +147,9 @@ class DriverConfig:
     #: and kept in the stored dtype in between (half the memory while a matrix is pruned); each pruned matrix is
     #: rounded to the stored dtype, so the next layer's inputs match the written checkpoint
     compute_dtype: torch.dtype | None = None
+    #: ``fn(layer, layer_idx, adapter, hidden, kwargs, cfg, device) -> [LayerResult]`` run instead of the
+    #: per-linear pruning: the structured shrink removes whole neurons and heads in the same driver
+    layer_fn: object = None
 
 
 class _GroupDone(Exception):
@@ -257,6 +263,8 @@ class _RunsIn:
 
 def prune_layer(layer, layer_idx: int, adapter, hidden, kwargs, cfg: DriverConfig, device) -> list[LayerResult]:
     """Prune every linear of one decoder layer in place; return per-linear statistics."""
+    if cfg.layer_fn is not None:
+        return cfg.layer_fn(layer, layer_idx, adapter, hidden, kwargs, cfg, device)
     spec = cfg.layer_specs[layer_idx] if cfg.layer_specs else cfg.spec
     groups = adapter.prune_groups() if cfg.true_sequential else [[n for g in adapter.prune_groups() for n in g]]
     results = []

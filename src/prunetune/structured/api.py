@@ -10,6 +10,10 @@ nearest hidden size the family can load):
 - ``activation``: drop the ``d − k`` channels of least energy at the RMSNorm outputs (``channels.py``).
 - ``magnitude``: drop the channels of smallest norm gains and reader-column norms (no data).
 
+``structure`` other than ``hidden`` removes whole MLP neurons and attention heads instead (``neurons.py``,
+``units.py``): the reader of each unit (down_proj, o_proj) is refit exactly on the kept columns, layer by layer
+in prune's streamed, resumable driver; ``ratio`` is then the share of decoder-layer linear weights removed.
+
 The output folder holds the checkpoint, ``shrink_report.json`` (protocol, kept channels or energy removed,
 wall time, peak memory, optional perplexity before/after) and ``prunetune_manifest.json`` (file hashes and
 the input as ``source_model``, which ``tune --teacher auto`` follows back).
@@ -64,12 +68,22 @@ def shrink_model(model, ratio: float, *, method: str = "pca", calib=None) -> tup
 def shrink(model=None, *, ratio: float, out, method: str = "pca", calib: str = "c4", nsamples: int = 128,
            seqlen: int = 2048, seed: int = 0, batch_size: int = 8, eval_corpora=None, eval_seqlen: int = 512,
            eval_max_windows: int | None = None, dtype: str = "float32", device: str | None = None,
-           overwrite: bool = False, progress: bool = True) -> dict:
-    """Remove the fraction ``ratio`` of hidden channels of ``model`` (HF dir, Hub id or GGUF) and write the
-    smaller plain checkpoint plus ``shrink_report.json`` to ``out`` (see the module docstring)."""
+           overwrite: bool = False, progress: bool = True, structure: str = "hidden", select: str = "obs",
+           head_share: float | None = None, damp: float = 0.01, resume: bool = False,
+           cache_budget="auto") -> dict:
+    """Remove the fraction ``ratio`` of hidden channels of ``model`` (HF dir, Hub id or GGUF) — or, with
+    ``structure`` ``mlp`` / ``heads`` / ``mlp+heads``, that share of decoder-layer weights as whole MLP neurons
+    and heads — and write the smaller plain checkpoint plus ``shrink_report.json`` to ``out`` (see the module
+    docstring). ``select``, ``head_share``, ``damp``, ``resume`` and ``cache_budget`` apply to the unit path."""
     from ..api import _device
     from ..pruning.api import _eval_pair
 
+    if structure != "hidden":
+        return _shrink_units(model, ratio=ratio, out=out, structure=structure, select=select, head_share=head_share,
+                             damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                             batch_size=batch_size, eval_corpora=eval_corpora, eval_seqlen=eval_seqlen,
+                             eval_max_windows=eval_max_windows, dtype=dtype, device=device, overwrite=overwrite,
+                             progress=progress, resume=resume, cache_budget=cache_budget)
     if method not in SHRINK_METHODS:
         raise PrunetuneError(f"unknown shrink method '{method}' (use {', '.join(SHRINK_METHODS)})")
     check_ratio(ratio, "--ratio")
@@ -124,4 +138,83 @@ def summary_table(report: dict) -> str:
     if "energy_in_removed_directions" in s:
         line += f", energy in the removed directions {s['energy_in_removed_directions']:.4f}"
     lines = [line, f"wall {man.get('wall_time_s', 0):.1f}s, peak RSS {man.get('peak_rss_mb', 0):.0f} MB"]
+    return "\n".join(lines + before_after_lines(report.get("eval")))
+
+
+def _config_of(src):
+    from transformers import AutoConfig
+
+    kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(src.path, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise PrunetuneError(f"cannot read the config of '{src.spec}': {str(e).splitlines()[0]}") from None
+
+
+def _shrink_units(model, *, ratio, out, structure, select, head_share, damp, **kw) -> dict:
+    """``shrink(structure=mlp|heads|mlp+heads)``: the plan from the config (checked before any weight is read),
+    then prune's layer-by-layer driver with the unit remover in place of a pruning method."""
+    from ..pruning.api import prune
+    from .neurons import geometry, plan_for_ratio
+
+    src = resolve_model(model)
+    config = _config_of(src)
+    if src.kind == "local":
+        from ..models.discover import preflight
+
+        meta = preflight(src.path)
+        if meta is not None:
+            from ..models import get_adapter
+
+            geometry(config, get_adapter(meta))
+    if float(damp) < 0:
+        raise PrunetuneError(f"--damp must be non-negative (got {damp})")
+    plan = plan_for_ratio(config, ratio, structure, head_share=head_share, select=select, damp=float(damp))
+    report = prune(src.spec, method="units", sparsity=None, out=out, units=plan, **kw)
+    report["summary_table"] = units_summary(report)
+    return report
+
+
+def _param_count(config) -> int:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        m = AutoModelForCausalLM.from_config(config)
+    m.tie_weights()  # a tied head is the embedding: counted once, as the loaded model counts it
+    return sum(p.numel() for p in m.parameters())
+
+
+def units_report(report: dict, config, plan, model_info: dict) -> dict:
+    """The prune driver's report of a unit shrink (``config``: the input's), in the shrink report's terms:
+    sizes before and after, the share of decoder-layer weights removed, each reader's refit error."""
+    from .neurons import new_config, params_removed_share
+
+    small = new_config(config, plan)
+    sizes = lambda c: {k: int(getattr(c, k)) for k in ("intermediate_size", "num_attention_heads",  # noqa: E731
+                                                       "num_key_value_heads")}
+    errs = report.get("layers", [])
+    kinds = sorted({r["name"].rsplit(".", 1)[-1] for r in errs})
+    info = {"structure": str(plan), "plan": plan.describe(), "sizes_before": sizes(config),
+            "sizes_after": sizes(small), "decoder_linear_weights_removed_share": params_removed_share(config, plan),
+            "mean_rel_error": {k: sum(r["rel_error"] for r in errs if r["name"].endswith("." + k)) /
+                               max(1, sum(1 for r in errs if r["name"].endswith("." + k))) for k in kinds}}
+    out = {"shrink": info, "model": model_info,
+           "parameters": {"before": _param_count(config), "after": _param_count(small)}, "readers": errs}
+    for k in ("activation_cache", "manifest", "eval"):
+        if k in report:
+            out[k] = report[k]
+    out["calibration"] = out["manifest"].get("calibration")
+    return out
+
+
+def units_summary(report: dict) -> str:
+    s, man, p = report["shrink"], report["manifest"], report["parameters"]
+    b, a = s["sizes_before"], s["sizes_after"]
+    lines = [f"shrink {s['structure']} (select {s['plan']['select']}): intermediate {b['intermediate_size']} -> "
+             f"{a['intermediate_size']}, heads {b['num_attention_heads']}/{b['num_key_value_heads']} kv -> "
+             f"{a['num_attention_heads']}/{a['num_key_value_heads']} kv; decoder linear weights removed "
+             f"{s['decoder_linear_weights_removed_share']:.4f}; parameters {p['before']:,} -> {p['after']:,}",
+             "mean relative reader error: " + ", ".join(f"{k} {v:.4f}" for k, v in s["mean_rel_error"].items()),
+             f"wall {man.get('wall_time_s', 0):.1f}s, peak RSS {man.get('peak_rss_mb', 0):.0f} MB"]
     return "\n".join(lines + before_after_lines(report.get("eval")))
