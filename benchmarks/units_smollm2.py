@@ -7,9 +7,15 @@ rotated hidden-channel shrink, at the same share of decoder-layer weights.
 
 A run is ``STRUCTURE:RATIO:SELECT[:OPT=VALUE...]``: ``prunetune shrink --structure STRUCTURE --ratio RATIO``
 with ``--select SELECT`` (``--method SELECT`` for ``hidden``); options ``head_share=``, ``damp=``,
-``nsamples=``. Every run: C4 calibration (``--nsamples`` x ``--seqlen``, seed 0, prunetune's sampler), then
+``nsamples=``. Every run: C4 calibration (``--calib``) (``--nsamples`` x ``--seqlen``, seed 0, prunetune's sampler), then
 WikiText-2 and C4 perplexity over the first ``--ppl-windows`` windows of 512 tokens (the dense model on the
-same windows), parameters, the wall time of the shrink. Results are written after every run; a run already
+same windows), parameters, the wall time of the shrink.
+
+A recovery run is ``tune:BASE@STEPS[+kd]``: LoRA (rank ``--lora-r`` on every linear) on the kept checkpoint of
+run ``BASE``, ``STEPS`` steps of ``--batch-size`` x ``--seq-len`` tokens packed from C4 validation documents
+``--train-docs`` (not the ones calibration and evaluation read first), cosine schedule, lr ``--lr``, merged;
+``+kd``: distilled from the dense model (``--teacher auto``, T = 1, weight 1). Checkpoints every 10 steps, so a
+killed recovery continues (``--resume``) in a later session. Results are written after every run; a run already
 in the file is skipped, so a killed benchmark continues where it stopped. ``--markdown`` prints the table.
 """
 
@@ -39,7 +45,7 @@ def run_shrink(key: str, a, work: Path) -> dict:
     kw = dict(o.split("=", 1) for o in opts)
     out = work / key.replace(":", "_").replace("+", "-")
     t = time.time()
-    common = dict(ratio=float(ratio), out=str(out), calib="c4", nsamples=int(kw.get("nsamples", a.nsamples)),
+    common = dict(ratio=float(ratio), out=str(out), calib=a.calib, nsamples=int(kw.get("nsamples", a.nsamples)),
                   seqlen=a.seqlen, seed=0, overwrite=True, progress=False)
     if structure == "hidden":
         rep = pt.shrink(a.dense, method=select, **common)
@@ -54,15 +60,67 @@ def run_shrink(key: str, a, work: Path) -> dict:
     return row
 
 
+def c4_train_file(a, work: Path) -> Path:
+    from prunetune.paths import data_dir
+
+    lo, hi = (int(x) for x in a.train_docs.split("-"))
+    out = work / f"c4_train_docs_{lo}-{hi}.jsonl"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lines = (data_dir() / "c4" / "c4_validation_2k.jsonl").read_text(encoding="utf-8").splitlines()[lo:hi + 1]
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("\n".join(json.dumps({"text": json.loads(x)["text"]}) for x in lines) + "\n", encoding="utf-8")
+        tmp.replace(out)
+    return out
+
+
+def run_tune(key: str, a, work: Path, res: dict) -> dict:
+    from prunetune.io import partial_dir_for
+
+    spec = key[len("tune:"):]
+    kd = spec.endswith("+kd")
+    base_key, steps = (spec[:-3] if kd else spec).rsplit("@", 1)
+    base = Path(res["runs"][base_key]["dir"])
+    if not (base / "config.json").is_file():
+        raise SystemExit(f"{key}: the checkpoint of '{base_key}' is gone (run it again with --keep)")
+    out = work / key.replace(":", "_").replace("+", "-").replace("@", "-s")
+    resume = (partial_dir_for(out.resolve())).exists()
+    t = time.time()
+    rep = pt.tune(str(base), method="lora", out=str(out), merge=True, data=str(c4_train_file(a, work)),
+                  data_mode="text", max_steps=int(steps), seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr,
+                  seed=0, eval_size=16, checkpoint_every=10, r=a.lora_r, alpha=2 * a.lora_r, device="cpu",
+                  progress=False, overwrite=True, resume=resume, **({"teacher": "auto"} if kd else {}))
+    step_s = [h["step_s"] for h in rep["history"][1:]]
+    row = {"base": base_key, "steps": rep["steps"], "distilled": kd, "lora_r": a.lora_r, "lr": a.lr,
+           "tokens_per_step": a.batch_size * a.seq_len, "train_docs": a.train_docs,
+           "first_loss": rep["first_loss"], "final_loss": rep["final_loss"],
+           "final_eval_loss": rep["final_eval_loss"], "step_s_median": sorted(step_s)[len(step_s) // 2] if step_s else None,
+           "train_wall_s": rep["manifest"].get("train_wall_s"), "wall_s_this_part": round(time.time() - t, 1),
+           "peak_rss_mb": rep["manifest"]["peak_rss_mb"], "dir": str(out)}
+    row.update(evaluate(out, a))
+    return row
+
+
+def record(out: Path, key: str, row: dict) -> dict:
+    """Add one run to the result file, re-read first: several processes may share it."""
+    res = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
+    res["runs"][key] = row
+    write_json_atomic(out, res)
+    return res
+
+
 def markdown(res: dict) -> str:
-    dense = res["runs"].get("dense")
-    lines = ["| run | parameters | WikiText-2 | x dense | C4 | x dense | shrink s |", "|---|---|---|---|---|---|---|"]
+    dense = res["runs"]["dense"]
+    corpora = list(dense["ppl"])
+    lines = ["| run | parameters | " + " | ".join(f"{c} | x dense" for c in corpora) + " | shrink s |",
+             "|---|---|" + "---|---|" * len(corpora) + "---|"]
     for key, r in res["runs"].items():
-        w, c = r["ppl"].get("wikitext2"), r["ppl"].get("c4")
-        xw = f"{w / dense['ppl']['wikitext2']:.2f}x" if dense and w else ""
-        xc = f"{c / dense['ppl']['c4']:.2f}x" if dense and c else ""
-        lines.append(f"| {key} | {r.get('parameters') or ''} | {w:.2f} | {xw} | {c:.2f} | {xc} | "
-                     f"{r.get('shrink_wall_s', '')} |")
+        cells = []
+        for c in corpora:
+            v = r["ppl"].get(c)
+            cells += [f"{v:.2f}", f"{v / dense['ppl'][c]:.2f}x"] if v else ["", ""]
+        lines.append(f"| {key} | {r.get('parameters') or ''} | " + " | ".join(cells) +
+                     f" | {r.get('shrink_wall_s', '')} |")
     return "\n".join(lines)
 
 
@@ -70,10 +128,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dense", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
     ap.add_argument("--runs", nargs="*", default=["mlp:0.25:obs"])
+    ap.add_argument("--calib", default="c4", help="calibration corpus")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ppl-windows", type=int, default=32)
     ap.add_argument("--corpora", nargs="*", default=["wikitext2", "c4"])
+    ap.add_argument("--train-docs", default="1000-1999", help="C4 validation documents recovery trains on (lo-hi)")
+    ap.add_argument("--lora-r", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--work", default=str(ROOT / "runs" / "units"))
     ap.add_argument("--keep", action="store_true", help="keep the shrunk checkpoints (default: deleted after eval)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "units_smollm2.json"))
@@ -84,21 +148,21 @@ def main():
         print(markdown(json.loads(out.read_text())))
         return
     res = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
-    res["protocol"] = {"model": "SmolLM2-135M-Instruct", "calibration": f"c4 {a.nsamples} x {a.seqlen}, seed 0",
+    res["protocol"] = {"model": Path(a.dense).name, "calibration": f"{a.calib} {a.nsamples} x {a.seqlen}, seed 0",
                        "ppl": f"first {a.ppl_windows} windows of 512 tokens: {', '.join(a.corpora)}",
                        "versions": versions(), "machine": machine(),
                        "command": "python benchmarks/units_smollm2.py --runs " + " ".join(a.runs)}
+    write_json_atomic(out, res)
     if "dense" not in res["runs"]:
-        res["runs"]["dense"] = evaluate(a.dense, a)
-        write_json_atomic(out, res)
+        res = record(out, "dense", evaluate(a.dense, a))
     for key in a.runs:
         if key in res["runs"]:
             continue
         print(f"== {key}", flush=True)
-        res["runs"][key] = run_shrink(key, a, work)
-        if not a.keep:
-            shutil.rmtree(res["runs"][key]["dir"], ignore_errors=True)
-        write_json_atomic(out, res)
+        row = run_tune(key, a, work, res) if key.startswith("tune:") else run_shrink(key, a, work)
+        if not a.keep and not key.startswith("tune:"):
+            shutil.rmtree(row["dir"], ignore_errors=True)
+        res = record(out, key, row)
         print(json.dumps({k: v for k, v in res["runs"][key].items() if k in ("ppl", "parameters", "shrink_wall_s")}),
               flush=True)
     print(markdown(res))

@@ -212,3 +212,25 @@ def test_config_that_cannot_express_the_heads_is_refused(tmp_path):
         check_plan(cfg, UnitPlan(q_heads=3))
     with pytest.raises(PrunetuneError, match="KV heads"):
         check_plan(cfg, UnitPlan(kv_heads=2))
+
+
+def test_plans_for_smollm2_geometry():
+    """SmolLM2-135M's shapes (hidden 576, MLP 1536, 9 query / 3 KV heads of 64): the plans the benchmarks use."""
+    import transformers as T
+
+    from prunetune.structured.neurons import new_config, params_removed_share, plan_for_ratio
+
+    cfg = T.LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                        num_hidden_layers=30, vocab_size=49152, head_dim=64)
+    mlp = plan_for_ratio(cfg, 0.25, "mlp")
+    assert (mlp.neurons, mlp.kv_heads, mlp.q_heads) == (512, 0, 0)  # a third of the MLP is a quarter of a layer
+    assert params_removed_share(cfg, mlp) == pytest.approx(0.25)
+    mixed = plan_for_ratio(cfg, 0.25, "mlp+heads", head_share=0.25)
+    assert (mixed.q_heads, mixed.kv_heads) == (1, 0)  # one query head of every group: 9 -> 6 heads, 3 KV
+    assert params_removed_share(cfg, mixed) == pytest.approx(0.25, abs=0.002)
+    small = new_config(cfg, mixed)
+    assert (small.num_attention_heads, small.num_key_value_heads, small.head_dim) == (6, 3, 64)
+    with pytest.raises(PrunetuneError, match="between 0 and 1"):
+        plan_for_ratio(cfg, 1.0, "mlp")
+    with pytest.raises(PrunetuneError, match="unknown structure"):
+        plan_for_ratio(cfg, 0.25, "experts")

@@ -5,34 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 
+from .devices import resolve_device as _device
 from .errors import PrunetuneError
 from .evaluation.perplexity import perplexity
 from .io import check_output_file, load_model
 from .manifest import measure, versions, machine, write_json_atomic
 
 __all__ = ["load_model", "perplexity", "evaluate", "prune", "shrink", "tune", "merge", "bench", "report"]
-
-
-def _device(device: str | None) -> str:
-    """The device a command runs on (``auto``: a CUDA GPU when there is one); one clear line for an unusable
-    one. ``cuda:N`` also becomes the current CUDA device, so libraries that use ``cuda`` land there too."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PrunetuneError(f"device '{device}' is not available on this machine (no CUDA GPU)")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise PrunetuneError(f"unknown device '{device}' (use cpu, cuda or cuda:N)")
-    if device.startswith("cuda:"):
-        try:
-            index = int(device.split(":", 1)[1])
-        except ValueError:
-            raise PrunetuneError(f"unknown device '{device}' (use cpu, cuda or cuda:N)") from None
-        if not 0 <= index < torch.cuda.device_count():
-            raise PrunetuneError(f"device '{device}' does not exist ({torch.cuda.device_count()} CUDA GPU(s))")
-        torch.cuda.set_device(index)
-    return device
 
 
 def evaluate(model=None, *, ppl: list[str] | tuple = ("wikitext2",), seqlen: int = 512, batch_size: int = 8,

@@ -72,7 +72,7 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
     ``units`` (a ``structured.neurons.UnitPlan``; ``method`` and ``sparsity`` are then ignored): remove whole
     MLP neurons and heads instead of weights, in the same streamed, resumable driver (``shrink --structure``).
     """
-    from ..api import _device
+    from ..devices import resolve_device as _device
 
     pm = get_method(method) if units is None else units
     spec = parse_sparsity(sparsity) if units is None else units
@@ -272,7 +272,7 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                     report["eval"] = _eval_pair(src.spec, tmp, eval_corpora, eval_seqlen, eval_max_windows, dtype,
                                                 device)
                 if units is not None:
-                    from ..structured.api import units_report
+                    from ..structured.neurons import units_report
 
                     report = units_report(report, input_config, units, model_info)
                 (tmp / (REPORT if units is None else "shrink_report.json")).write_text(

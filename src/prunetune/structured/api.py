@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -75,7 +74,7 @@ def shrink(model=None, *, ratio: float, out, method: str = "pca", calib: str = "
     ``structure`` ``mlp`` / ``heads`` / ``mlp+heads``, that share of decoder-layer weights as whole MLP neurons
     and heads — and write the smaller plain checkpoint plus ``shrink_report.json`` to ``out`` (see the module
     docstring). ``select``, ``head_share``, ``damp``, ``resume`` and ``cache_budget`` apply to the unit path."""
-    from ..api import _device
+    from ..devices import resolve_device as _device
     from ..pruning.api import _eval_pair
 
     if structure != "hidden":
@@ -173,39 +172,6 @@ def _shrink_units(model, *, ratio, out, structure, select, head_share, damp, **k
     report = prune(src.spec, method="units", sparsity=None, out=out, units=plan, **kw)
     report["summary_table"] = units_summary(report)
     return report
-
-
-def _param_count(config) -> int:
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        m = AutoModelForCausalLM.from_config(config)
-    m.tie_weights()  # a tied head is the embedding: counted once, as the loaded model counts it
-    return sum(p.numel() for p in m.parameters())
-
-
-def units_report(report: dict, config, plan, model_info: dict) -> dict:
-    """The prune driver's report of a unit shrink (``config``: the input's), in the shrink report's terms:
-    sizes before and after, the share of decoder-layer weights removed, each reader's refit error."""
-    from .neurons import new_config, params_removed_share
-
-    small = new_config(config, plan)
-    sizes = lambda c: {k: int(getattr(c, k)) for k in ("intermediate_size", "num_attention_heads",  # noqa: E731
-                                                       "num_key_value_heads")}
-    errs = report.get("layers", [])
-    kinds = sorted({r["name"].rsplit(".", 1)[-1] for r in errs})
-    info = {"structure": str(plan), "plan": plan.describe(), "sizes_before": sizes(config),
-            "sizes_after": sizes(small), "decoder_linear_weights_removed_share": params_removed_share(config, plan),
-            "mean_rel_error": {k: sum(r["rel_error"] for r in errs if r["name"].endswith("." + k)) /
-                               max(1, sum(1 for r in errs if r["name"].endswith("." + k))) for k in kinds}}
-    out = {"shrink": info, "model": model_info,
-           "parameters": {"before": _param_count(config), "after": _param_count(small)}, "readers": errs}
-    for k in ("activation_cache", "manifest", "eval"):
-        if k in report:
-            out[k] = report[k]
-    out["calibration"] = out["manifest"].get("calibration")
-    return out
 
 
 def units_summary(report: dict) -> str:

@@ -286,3 +286,34 @@ def prune_units_layer(layer, layer_idx: int, adapter, hidden, kwargs, cfg, devic
             _keep_rows(layer.get_submodule(name), keep)
         del st, W, Wn
     return results
+
+
+def _param_count(config) -> int:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        m = AutoModelForCausalLM.from_config(config)
+    m.tie_weights()  # a tied head is the embedding: counted once, as the loaded model counts it
+    return sum(p.numel() for p in m.parameters())
+
+
+def units_report(report: dict, config, plan, model_info: dict) -> dict:
+    """The prune driver's report of a unit shrink (``config``: the input's), in the shrink report's terms:
+    sizes before and after, the share of decoder-layer weights removed, each reader's refit error."""
+    small = new_config(config, plan)
+    sizes = lambda c: {k: int(getattr(c, k)) for k in ("intermediate_size", "num_attention_heads",  # noqa: E731
+                                                       "num_key_value_heads")}
+    errs = report.get("layers", [])
+    kinds = sorted({r["name"].rsplit(".", 1)[-1] for r in errs})
+    info = {"structure": str(plan), "plan": plan.describe(), "sizes_before": sizes(config),
+            "sizes_after": sizes(small), "decoder_linear_weights_removed_share": params_removed_share(config, plan),
+            "mean_rel_error": {k: sum(r["rel_error"] for r in errs if r["name"].endswith("." + k)) /
+                               max(1, sum(1 for r in errs if r["name"].endswith("." + k))) for k in kinds}}
+    out = {"shrink": info, "model": model_info,
+           "parameters": {"before": _param_count(config), "after": _param_count(small)}, "readers": errs}
+    for k in ("activation_cache", "manifest", "eval"):
+        if k in report:
+            out[k] = report[k]
+    out["calibration"] = out["manifest"].get("calibration")
+    return out

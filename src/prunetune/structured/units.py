@@ -21,7 +21,8 @@ Selection (which units form ``S``; ``select=``):
   greedy; larger blocks trade a little of it for time at 7B widths.
 - ``swap``: ``obs``, then a local search over the set, in the spirit of APT's search over the support:
   exchange a removed and a kept unit while that lowers ``E(S)`` exactly (candidates ranked by first-order
-  terms, the best few scored exactly), at most ``swap_rounds`` exchanges.
+  terms, the best few scored exactly), at most ``swap_rounds`` exchanges (default: a quarter of the units
+  removed, between 8 and 32).
 
 The refit is always the closed form above (float64 Cholesky), whatever chose ``S``.
 """
@@ -99,7 +100,7 @@ def select_units(W: Tensor, H: Tensor, groups: list[Tensor], n_remove: int, *, s
                           capacity.clone() if capacity is not None else None, group_of)
     if select == "swap":
         removed = _swap_search(W64, Hinv, groups, removed, capacity, group_of,
-                               swap_rounds if swap_rounds is not None else max(8, n_remove // 4))
+                               swap_rounds if swap_rounds is not None else max(8, min(32, n_remove // 4)))
     return sorted(removed)
 
 

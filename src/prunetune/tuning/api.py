@@ -175,7 +175,7 @@ def tune(model=None, *, method: str, data, out, merge: bool = False, teacher: st
     the merged checkpoint. ``resume``: continue the interrupted run of the same settings into ``out``.
 
     Returns the report written to ``out/tune_report.json`` (plus ``out``)."""
-    from ..api import _device
+    from ..devices import resolve_device as _device
 
     cls = get_method(method)
     train_opts, method_opts = split_options(cls, options)
@@ -456,7 +456,7 @@ def load_adapted(adapters, *, model=None, method: str | None = None, dtype: str 
     """The base model with the trained adapters of a ``tune`` output applied, unmerged:
     ``(model, tokenizer, method instance, info)``. Works for every method (SPP and PAT adapters have their
     own formats; LoRA's is a standard PEFT folder that ``peft.PeftModel.from_pretrained`` also loads)."""
-    from ..api import _device
+    from ..devices import resolve_device as _device
     from .trainer import model_fingerprint
 
     adir = find_adapters(adapters)
