@@ -234,3 +234,20 @@ def test_plans_for_smollm2_geometry():
         plan_for_ratio(cfg, 1.0, "mlp")
     with pytest.raises(PrunetuneError, match="unknown structure"):
         plan_for_ratio(cfg, 0.25, "experts")
+
+
+def test_auto_keeps_the_mix_with_the_lowest_held_out_loss(tmp_path, stories_dir):
+    import prunetune as pt
+
+    out = tmp_path / "out"
+    rep = pt.shrink(str(stories_dir), ratio=0.25, out=str(out), structure="auto", calib="tinystories", nsamples=8,
+                    seqlen=64, progress=False)
+    cut = rep["where_to_cut"]
+    alts = cut["alternatives"]
+    assert len(alts) >= 2 and len({a["structure"] for a in alts}) == len(alts)
+    best = min(alts, key=lambda a: a["held_out_loss"])
+    assert cut["chosen"] == best["structure"] == rep["shrink"]["structure"]
+    assert all(abs(a["decoder_linear_weights_removed_share"] - 0.25) < 0.05 for a in alts)
+    on_disk = json.loads((out / "shrink_report.json").read_text())
+    assert on_disk["where_to_cut"]["chosen"] == cut["chosen"]
+    assert (out / "config.json").is_file() and not list(tmp_path.glob(".out*"))

@@ -119,8 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_common_model(p)
     p.add_argument("--ratio", type=float, required=True,
                    help="fraction removed, in (0, 1): of hidden channels, or of decoder-layer weights with --structure")
-    p.add_argument("--structure", default="hidden", choices=["hidden", "mlp", "heads", "mlp+heads"],
-                   help="what is removed: hidden channels, MLP neurons, heads, or both")
+    p.add_argument("--structure", default="hidden", choices=["hidden", "mlp", "heads", "mlp+heads", "auto"],
+                   help="what is removed: hidden channels, MLP neurons, heads, both, or (auto) the mix of MLP neurons "
+                        "and heads with the lowest held-out calibration loss")
     p.add_argument("--method", default="pca", choices=list(SHRINK_METHODS), help=" | ".join(SHRINK_METHODS))
     p.add_argument("--select", default="obs", choices=["obs", "swap", "magnitude"],
                    help="how units are chosen (--structure mlp/heads)")

@@ -13,6 +13,10 @@ nearest hidden size the family can load):
 ``structure`` other than ``hidden`` removes whole MLP neurons and attention heads instead (``neurons.py``,
 ``units.py``): the reader of each unit (down_proj, o_proj) is refit exactly on the kept columns, layer by layer
 in prune's streamed, resumable driver; ``ratio`` is then the share of decoder-layer linear weights removed.
+``auto`` chooses where to cut: it shrinks with every mix of ``AUTO_HEAD_SHARES`` (the share of the removed
+weights taken from heads, the rest from MLP neurons; mixes the config cannot express are skipped) and keeps the
+one with the lowest loss on held-out calibration windows (same corpus, another seed); the report records every
+mix measured.
 
 The output folder holds the checkpoint, ``shrink_report.json`` (protocol, kept channels or energy removed,
 wall time, peak memory, optional perplexity before/after) and ``prunetune_manifest.json`` (file hashes and
@@ -34,6 +38,10 @@ from ..manifest import machine, measure, peak_rss_mb, versions
 from .slicing import check_ratio, check_sliceable, keep_count
 
 SHRINK_METHODS = ("pca", "activation", "magnitude")
+#: ``--structure auto``: shares of the removed weights taken from heads, each tried (0: MLP neurons only)
+AUTO_HEAD_SHARES = (0.0, 0.25, 0.5)
+#: held-out windows ``auto`` scores each mix on (calibration corpus, seed + HELD_OUT_SEED)
+HELD_OUT_WINDOWS, HELD_OUT_SEED = 8, 1000
 REPORT = "shrink_report.json"
 
 
@@ -77,6 +85,11 @@ def shrink(model=None, *, ratio: float, out, method: str = "pca", calib: str = "
     from ..devices import resolve_device as _device
     from ..pruning.api import _eval_pair
 
+    if structure == "auto":
+        return _shrink_auto(model, ratio=ratio, out=out, select=select, damp=damp, calib=calib, nsamples=nsamples,
+                            seqlen=seqlen, seed=seed, batch_size=batch_size, eval_corpora=eval_corpora,
+                            eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, dtype=dtype, device=device,
+                            overwrite=overwrite, progress=progress, cache_budget=cache_budget)
     if structure != "hidden":
         return _shrink_units(model, ratio=ratio, out=out, structure=structure, select=select, head_share=head_share,
                              damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
@@ -171,6 +184,74 @@ def _shrink_units(model, *, ratio, out, structure, select, head_share, damp, **k
     plan = plan_for_ratio(config, ratio, structure, head_share=head_share, select=select, damp=float(damp))
     report = prune(src.spec, method="units", sparsity=None, out=out, units=plan, **kw)
     report["summary_table"] = units_summary(report)
+    return report
+
+
+@torch.no_grad()
+def held_out_loss(model_dir, calib: str, nsamples: int, seqlen: int, seed: int, dtype: str, device: str) -> dict:
+    """Mean next-token loss of a checkpoint on ``nsamples`` calibration-corpus windows drawn with ``seed``."""
+    net, tok, _ = load_model(str(model_dir), dtype=dtype, device=device)
+    ids, proto = sample_calibration(tok, calib, nsamples, seqlen, seed)
+    total = 0.0
+    for b in ids.split(4):
+        total += float(net(b.to(device), labels=b.to(device)).loss) * b.shape[0]
+    del net
+    return {"loss": total / ids.shape[0], "windows": proto}
+
+
+def _shrink_auto(model, *, ratio, out, select, damp, calib, nsamples, seqlen, seed, eval_corpora, eval_seqlen,
+                 eval_max_windows, dtype, device, overwrite, **kw) -> dict:
+    """``shrink(structure="auto")``: every mix of ``AUTO_HEAD_SHARES``, the best on held-out windows published.
+    Finished candidates stay in ``.<out>.auto`` until the end, so a killed search goes on where it stopped."""
+    import shutil
+
+    from ..devices import resolve_device
+    from ..io import publish_dir
+    from ..pruning.api import _eval_pair, prune
+    from .neurons import params_removed_share, plan_for_ratio
+
+    device = resolve_device(device)
+    src = resolve_model(model)
+    config = _config_of(src)
+    out_path = check_output_dir(out, overwrite=overwrite, inputs=(src.path if src.kind != "hub" else None,))
+    plans = []
+    for share in AUTO_HEAD_SHARES:
+        try:
+            plan = plan_for_ratio(config, ratio, "mlp" if share == 0 else "mlp+heads", head_share=share or None,
+                                  select=select, damp=float(damp))
+        except PrunetuneError:
+            continue
+        if all(plan != p for _, p in plans):
+            plans.append((share, plan))
+    if not plans:
+        raise PrunetuneError(f"--ratio {ratio}: no mix of MLP neurons and heads reaches it for this model")
+    work = out_path.parent / f".{out_path.name}.auto"
+    work.mkdir(parents=True, exist_ok=True)
+    alts = []
+    for k, (share, plan) in enumerate(plans):
+        d = work / f"mix-{k}"
+        if not (d / "shrink_report.json").is_file():
+            prune(src.spec, method="units", sparsity=None, out=str(d), units=plan, overwrite=True, calib=calib,
+                  nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype, device=device, **kw)
+        score = held_out_loss(d, calib, HELD_OUT_WINDOWS, seqlen, seed + HELD_OUT_SEED, dtype, device)
+        alts.append({"head_share_asked": share, "structure": str(plan),
+                     "decoder_linear_weights_removed_share": params_removed_share(config, plan),
+                     "held_out_loss": score["loss"], "dir": d})
+    best = min(alts, key=lambda a: a["held_out_loss"])
+    rpath = best["dir"] / "shrink_report.json"
+    report = json.loads(rpath.read_text())
+    report["where_to_cut"] = {
+        "criterion": f"mean loss on {HELD_OUT_WINDOWS} held-out {calib} windows of {seqlen} tokens "
+                     f"(seed {seed + HELD_OUT_SEED})", "chosen": best["structure"],
+        "alternatives": [{k: v for k, v in a.items() if k != "dir"} for a in alts]}
+    if eval_corpora:
+        report["eval"] = _eval_pair(src.spec, best["dir"], eval_corpora, eval_seqlen, eval_max_windows, dtype, device)
+    rpath.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    publish_dir(best["dir"], out_path, overwrite=overwrite)
+    shutil.rmtree(work, ignore_errors=True)
+    report["summary_table"] = units_summary(report) + "\nwhere to cut: " + ", ".join(
+        f"{a['structure']} loss {a['held_out_loss']:.4f}{' (chosen)' if a is best else ''}" for a in alts)
+    report["out"] = str(out_path)
     return report
 
 
