@@ -87,7 +87,7 @@ def main():
     if a.one:
         print("RESULT " + json.dumps(one(a.one, a)), flush=True)
         return
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), VLLM_CPU_OMP_THREADS_BIND="all",
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads),
                VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
     rows = []
     for m in a.models:

@@ -14,7 +14,7 @@ Selection (which units form ``S``; ``select=``):
 
 - ``magnitude``: input-aware magnitude, ``score(g) = Σ_{j∈g} ||W[:, j]||² H_jj`` — the error of removing ``g``
   alone *without* refit; the ``n`` lowest go.
-- ``obs`` (group OBS, greedy): remove the unit of least ``E`` given the units already removed, with every
+- ``obs`` (default; group OBS, greedy): remove the unit of least ``E`` given the units already removed, with every
   other column refit. After each removal ``H⁻¹`` of the kept columns is the Schur complement
   ``H⁻¹_KK − H⁻¹_KG (H⁻¹_GG)⁻¹ H⁻¹_GK`` and ``W_K`` takes its OBS update ``−W_G (H⁻¹_GG)⁻¹ H⁻¹_GK``, so the next
   costs are exact. ``block`` units leave per step (the ``block`` cheapest by the current costs): 1 is the exact
@@ -71,7 +71,7 @@ def refit(W: Tensor, H: Tensor, keep: Tensor, damp: float) -> tuple[Tensor, floa
     return Wn.to(W.dtype), err, (err / base if base > 0 else 0.0)
 
 
-def select_units(W: Tensor, H: Tensor, groups: list[Tensor], n_remove: int, *, select: str = "swap",
+def select_units(W: Tensor, H: Tensor, groups: list[Tensor], n_remove: int, *, select: str = "obs",
                  damp: float = 0.01, block: int | None = None, swap_rounds: int | None = None,
                  capacity: Tensor | None = None, group_of: Tensor | None = None) -> list[int]:
     """Indices of the ``n_remove`` groups (lists of column indices of ``W``) to remove, sorted.
