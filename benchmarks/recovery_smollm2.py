@@ -38,11 +38,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from bench_common import c4_train_file  # noqa: E402
+
 import torch  # noqa: E402
 
 import prunetune as pt  # noqa: E402
 from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
-from prunetune.paths import data_dir  # noqa: E402
 
 TASKS = ["arc_easy", "arc_challenge", "boolq", "piqa", "winogrande", "openbookqa"]
 RUN = re.compile(r"^(?P<kind>oneshot-activation|oneshot-pca|pat|ptt|spp|lora-masked)(?P<flags>(\+rot|\+kd)*)"
@@ -59,18 +60,6 @@ def evaluate(model_dir, a, zeroshot: bool) -> dict:
         row["zeroshot"] = {t: v["acc"] for t, v in zs["tasks"].items()}
         row["zeroshot_avg"] = zs["average"]["acc"]
     return row
-
-
-def c4_train_file(a) -> Path:
-    lo, hi = (int(x) for x in a.train_docs.split("-"))
-    out = Path(a.work) / f"c4_train_docs_{lo}-{hi}.jsonl"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        lines = (data_dir() / "c4" / "c4_validation_2k.jsonl").read_text(encoding="utf-8").splitlines()[lo:hi + 1]
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text("\n".join(json.dumps({"text": json.loads(x)["text"]}) for x in lines) + "\n", encoding="utf-8")
-        tmp.replace(out)
-    return out
 
 
 def tune_row(rep: dict) -> dict:
@@ -124,8 +113,8 @@ def run_one(key: str, a, work: Path) -> dict:
         return {**row, **evaluate(d, a, zeroshot=True)}
     base = Path(a.pruned_dir) / arg
     steps = int(m["steps"] or a.spp_steps)
-    rep = pt.tune(str(base), method=kind, out=d, merge=True, data=str(c4_train_file(a)), data_mode="text",
-                  max_steps=steps, eval_size=16, **common)
+    rep = pt.tune(str(base), method=kind, out=d, merge=True, data=str(c4_train_file(a.train_docs, a.work)),
+                  data_mode="text", max_steps=steps, eval_size=16, **common)
     return {"model": str(d), "kind": kind, "base": str(base), "distilled": kd, **tune_row(rep),
             **evaluate(d, a, zeroshot=True)}
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from bench_common import c4_train_file  # noqa: E402
+
 import prunetune as pt  # noqa: E402
 from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
 
@@ -60,20 +62,6 @@ def run_shrink(key: str, a, work: Path) -> dict:
     return row
 
 
-def c4_train_file(a, work: Path) -> Path:
-    from prunetune.paths import data_dir
-
-    lo, hi = (int(x) for x in a.train_docs.split("-"))
-    out = work / f"c4_train_docs_{lo}-{hi}.jsonl"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        lines = (data_dir() / "c4" / "c4_validation_2k.jsonl").read_text(encoding="utf-8").splitlines()[lo:hi + 1]
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text("\n".join(json.dumps({"text": json.loads(x)["text"]}) for x in lines) + "\n", encoding="utf-8")
-        tmp.replace(out)
-    return out
-
-
 def run_tune(key: str, a, work: Path, res: dict) -> dict:
     from prunetune.io import partial_dir_for
 
@@ -86,7 +74,7 @@ def run_tune(key: str, a, work: Path, res: dict) -> dict:
     out = work / key.replace(":", "_").replace("+", "-").replace("@", "-s")
     resume = (partial_dir_for(out.resolve())).exists()
     t = time.time()
-    rep = pt.tune(str(base), method="lora", out=str(out), merge=True, data=str(c4_train_file(a, work)),
+    rep = pt.tune(str(base), method="lora", out=str(out), merge=True, data=str(c4_train_file(a.train_docs, work)),
                   data_mode="text", max_steps=int(steps), seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr,
                   seed=0, eval_size=16, checkpoint_every=10, r=a.lora_r, alpha=2 * a.lora_r, device="cpu",
                   progress=False, overwrite=True, resume=resume, **({"teacher": "auto"} if kd else {}))

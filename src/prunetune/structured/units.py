@@ -104,8 +104,8 @@ def select_units(W: Tensor, H: Tensor, groups: list[Tensor], n_remove: int, *, s
     return sorted(removed)
 
 
-def _take_lowest(score: Tensor, k: int, capacity, group_of) -> list[int]:
-    order = torch.sort(score, stable=True).indices.tolist()
+def _pick(order: list[int], k: int, capacity, group_of) -> list[int]:
+    """The first ``k`` groups of ``order`` whose class still has room (``capacity`` is decremented)."""
     out = []
     for g in order:
         if capacity is not None:
@@ -116,7 +116,11 @@ def _take_lowest(score: Tensor, k: int, capacity, group_of) -> list[int]:
         out.append(g)
         if len(out) == k:
             break
-    return sorted(out)
+    return out
+
+
+def _take_lowest(score: Tensor, k: int, capacity, group_of) -> list[int]:
+    return sorted(_pick(torch.sort(score, stable=True).indices.tolist(), k, capacity, group_of))
 
 
 def _group_costs(W: Tensor, Hinv: Tensor, groups: list[Tensor], alive: list[int], pos: Tensor) -> Tensor:
@@ -145,17 +149,8 @@ def _greedy_obs(W: Tensor, Hinv: Tensor, groups, n_remove, block, capacity, grou
         if capacity is not None:
             cand = [g for g in alive if capacity[int(group_of[g])] > 0]
         costs = _group_costs(W, Hinv, groups, cand, pos)
-        take = []
-        for i in torch.sort(costs, stable=True).indices.tolist():
-            g = cand[i]
-            if capacity is not None:
-                c = int(group_of[g])
-                if capacity[c] <= 0:
-                    continue
-                capacity[c] -= 1
-            take.append(g)
-            if len(take) == min(block, n_remove - len(removed)):
-                break
+        order = [cand[i] for i in torch.sort(costs, stable=True).indices.tolist()]
+        take = _pick(order, min(block, n_remove - len(removed)), capacity, group_of)
         S = pos[_cols(groups, take)]
         keep = torch.ones(W.shape[1], dtype=torch.bool)
         keep[S] = False
