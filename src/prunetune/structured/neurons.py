@@ -99,10 +99,16 @@ def geometry(config, adapter=None) -> Geometry:
         raise PrunetuneError(f"removing MLP neurons and heads is not supported for model type "
                              f"'{config.model_type}': prunetune has no adapter saying which linears produce and read "
                              "them (supported: llama, mistral, qwen2, qwen3)")
-    nh = int(config.num_attention_heads)
-    nkv = int(getattr(config, "num_key_value_heads", None) or nh)
-    hd = int(getattr(config, "head_dim", None) or config.hidden_size // nh)
-    return Geometry(int(config.hidden_size), int(config.intermediate_size), nh, nkv, hd, int(config.num_hidden_layers))
+    try:
+        nh = int(config.num_attention_heads)
+        nkv = int(getattr(config, "num_key_value_heads", None) or nh)
+        hd = int(getattr(config, "head_dim", None) or config.hidden_size // nh)
+        return Geometry(int(config.hidden_size), int(config.intermediate_size), nh, nkv, hd,
+                        int(config.num_hidden_layers))
+    except (AttributeError, TypeError):
+        raise PrunetuneError(f"removing MLP neurons and heads is not supported for model type "
+                             f"'{config.model_type}': its config does not name intermediate_size, heads and KV "
+                             "heads as the Llama family does") from None
 
 
 def plan_for_ratio(config, ratio: float, structure: str = "mlp", *, head_share: float | None = None,
