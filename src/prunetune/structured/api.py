@@ -25,6 +25,7 @@ the input as ``source_model``, which ``tune --teacher auto`` follows back).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -228,8 +229,10 @@ def _shrink_auto(model, *, ratio, out, select, damp, calib, nsamples, seqlen, se
     work = out_path.parent / f".{out_path.name}.auto"
     work.mkdir(parents=True, exist_ok=True)
     alts = []
-    for k, (share, plan) in enumerate(plans):
-        d = work / f"mix-{k}"
+    for share, plan in plans:
+        # named by everything that decides it, so a folder left by another search is never taken for this one
+        key = json.dumps([src.location(), plan.describe(), calib, nsamples, seqlen, seed, dtype], default=str)
+        d = work / f"mix-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
         if not (d / "shrink_report.json").is_file():
             prune(src.spec, method="units", sparsity=None, out=str(d), units=plan, overwrite=True, calib=calib,
                   nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype, device=device, **kw)
