@@ -141,9 +141,7 @@ def _greedy_obs(W: Tensor, Hinv: Tensor, groups, n_remove, block, capacity, grou
     block = max(1, int(block)) if block else 1
     alive = list(range(n))
     removed: list[int] = []
-    keep_cols = torch.arange(W.shape[1])
-    pos = torch.full((W.shape[1],), -1, dtype=torch.long)
-    pos[keep_cols] = torch.arange(W.shape[1])
+    pos = torch.arange(W.shape[1])  # original column -> its position in the current W / H⁻¹ (-1: removed)
     while len(removed) < n_remove:
         cand = alive
         if capacity is not None:
@@ -155,22 +153,17 @@ def _greedy_obs(W: Tensor, Hinv: Tensor, groups, n_remove, block, capacity, grou
         keep = torch.ones(W.shape[1], dtype=torch.bool)
         keep[S] = False
         K = keep.nonzero().squeeze(1)
-        A = Hinv[S][:, S]
-        L = torch.linalg.cholesky(A)
+        L = torch.linalg.cholesky(Hinv[S][:, S])
         B = Hinv[S][:, K]  # |S| × |K|
         C = torch.cholesky_solve(B, L)  # (H⁻¹_SS)⁻¹ H⁻¹_SK
         W = W[:, K] - W[:, S] @ C
         Hinv = Hinv[K][:, K] - B.t() @ C
-        # map original columns to their new positions
-        newpos = torch.full_like(pos, -1)
-        live = pos >= 0
-        live_idx = live.nonzero().squeeze(1)
         remap = torch.full((keep.numel(),), -1, dtype=torch.long)
         remap[K] = torch.arange(K.numel())
-        newpos[live_idx] = remap[pos[live_idx]]
-        pos = newpos
+        pos = torch.where(pos >= 0, remap[pos.clamp_min(0)], pos)
         removed += take
-        alive = [g for g in alive if g not in set(take)]
+        gone = set(take)
+        alive = [g for g in alive if g not in gone]
     return removed
 
 
@@ -188,7 +181,8 @@ def _swap_search(W: Tensor, Hinv: Tensor, groups, removed: list[int], capacity, 
     best = removal_error(W, Hinv, _cols(groups, removed))
     single = all(g.numel() == 1 for g in groups)
     for _ in range(rounds):
-        kept = [h for h in range(n) if h not in set(removed)]
+        out = set(removed)
+        kept = [h for h in range(n) if h not in out]
         pairs = [(a, h) for a in range(len(removed)) for h in kept
                  if capacity is None or cls(h) == cls(removed[a]) or not capacity_full(removed, removed[a], h,
                                                                                          capacity, cls)]
