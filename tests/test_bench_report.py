@@ -177,14 +177,22 @@ def test_report_tables_and_plots(tmp_path, eval_and_prune, bench_run):
     bench_res, bench_path = bench_run
     # the same eval with a zero-shot block in the shape evaluate() writes
     zs = dict(json.loads((d / "eval_dense.json").read_text()))
-    zs["zeroshot"] = {"tasks": {"arc_easy": {"acc": 0.25, "acc_stderr": 0.1, "acc_norm": 0.3125, "acc_norm_stderr": 0.1, "n": 16},
-                                "piqa": {"acc": 0.5625, "acc_stderr": 0.1, "acc_norm": 0.5, "acc_norm_stderr": 0.1, "n": 16}},
+    zs["zeroshot"] = {"tasks": {"arc_easy": {"acc": 0.25, "acc_stderr": 0.1, "acc_norm": 0.3125, "acc_norm_stderr": 0.1, "n": 16,
+                                             "correct": "1111" + "0" * 12},
+                                "piqa": {"acc": 0.5625, "acc_stderr": 0.1, "acc_norm": 0.5, "acc_norm_stderr": 0.1, "n": 16,
+                                         "correct": "1" * 9 + "0" * 7}},
                       "average": {"acc": 0.40625, "acc_norm": 0.40625}, "average_metric": "acc", "protocol": {}}
     (tmp_path / "eval_zs.json").write_text(json.dumps(zs))
+    # a second model on the same documents: the same arc_easy score on other documents, piqa all wrong
+    other = json.loads(json.dumps(zs))
+    other["manifest"]["model"]["spec"] = "other-model"
+    other["zeroshot"]["tasks"]["arc_easy"]["correct"] = "01111" + "0" * 11
+    other["zeroshot"]["tasks"]["piqa"].update(acc=0.0, correct="0" * 16)
+    (tmp_path / "eval_zs_other.json").write_text(json.dumps(other))
 
     out = tmp_path / "rep"
-    res = report([str(d / "eval_dense.json"), str(d / "pruned"), str(bench_path), str(tmp_path / "eval_zs.json")],
-                 out_dir=out)
+    res = report([str(d / "eval_dense.json"), str(d / "pruned"), str(bench_path), str(tmp_path / "eval_zs.json"),
+                  str(tmp_path / "eval_zs_other.json")], out_dir=out)
     md = (out / "report.md").read_text()
     assert res["report"] == str(out / "report.md")
     assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in res["written"])  # no temp files left
@@ -201,7 +209,10 @@ def test_report_tables_and_plots(tmp_path, eval_and_prune, bench_run):
     assert any(l.startswith("| stories260K | magnitude | 0.5 | 0.5000 |") for l in lines)  # the pruning-runs table
 
     assert "headline metric: acc" in md
-    assert "| arc_easy | 0.2500 | 0.3125 |" in md and "| piqa | 0.5625 | 0.5000 |" in md
+    assert "| arc_easy | 0.2500 ± 0.100 | 0.3125 ± 0.100 |" in md and "| piqa | 0.5625 ± 0.100 | 0.5000 ± 0.100 |" in md
+    # paired against the first model: the equal score is noise, the piqa drop is resolved
+    assert "| other-model | arc_easy | 16 | +0.0000 | 0.0913 | within noise |" in md
+    assert "| other-model | piqa | 16 | -0.5625 | 0.1281 | **resolved** |" in md
     assert "| **average** | 0.4062 | 0.4062 |" in md or "| **average** | 0.4063 | 0.4063 |" in md
 
     for r in bench_res["prefill"]:

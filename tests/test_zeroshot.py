@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunetune.errors import PrunetuneError
-from prunetune.evaluation.zeroshot import evaluate_zeroshot, local_tasks
+from prunetune.evaluation.zeroshot import evaluate_zeroshot, local_tasks, paired_difference
 from prunetune.paths import DEFAULT_MODEL, data_dir
 
 pytest.importorskip("lm_eval")
@@ -99,18 +99,32 @@ def test_scores_match_direct_loglikelihoods(model, tok, tasks_dir):
     """acc / acc_norm equal the arg-max of log-likelihoods computed here with the model itself."""
     limit = 12
     docs = [json.loads(l) for l in open(tasks_dir / "arc_easy.jsonl", encoding="utf-8")][:limit]
-    hits = hits_norm = 0
+    hits, hits_norm = [], []
     for doc in docs:
         context = doc["query"] + "\nAnswer:"
         lls = [_direct_loglikelihood(model, tok, context, " " + c) for c in doc["choices"]]
         norm = [ll / len(c) for ll, c in zip(lls, doc["choices"])]
-        hits += max(range(len(lls)), key=lls.__getitem__) == doc["gold"]
-        hits_norm += max(range(len(norm)), key=norm.__getitem__) == doc["gold"]
+        hits.append(max(range(len(lls)), key=lls.__getitem__) == doc["gold"])
+        hits_norm.append(max(range(len(norm)), key=norm.__getitem__) == doc["gold"])
     res = evaluate_zeroshot(model, tok, ["arc_easy"], limit=limit, tasks_dir=tasks_dir, batch_size=4)
     r = res["tasks"]["arc_easy"]
     assert r["n"] == limit
-    assert r["acc"] == pytest.approx(hits / limit)
-    assert r["acc_norm"] == pytest.approx(hits_norm / limit)
+    assert r["acc"] == pytest.approx(sum(hits) / limit)
+    assert r["acc_norm"] == pytest.approx(sum(hits_norm) / limit)
+    # each document's outcome, in file order (what paired comparisons between models read)
+    assert r["correct"] == "".join("1" if h else "0" for h in hits)
+    assert r["correct_norm"] == "".join("1" if h else "0" for h in hits_norm)
+
+
+def test_paired_difference_algebra():
+    """The mean and standard error of per-document differences; equal outcomes are no difference at all."""
+    d = paired_difference("1100", "1000")
+    assert d["diff"] == pytest.approx(0.25) and d["stderr"] == pytest.approx(0.25) and d["within_noise"]
+    d = paired_difference("1" * 40, "0" * 30 + "1" * 10)
+    assert d["diff"] == pytest.approx(0.75) and not d["within_noise"]
+    assert paired_difference("0101", "0101") == {"diff": 0.0, "stderr": 0.0, "n": 4, "within_noise": True}
+    with pytest.raises(PrunetuneError, match="same documents"):
+        paired_difference("01", "011")
 
 
 def _greedy(model, tok, prompt: str, n: int = 8) -> str:

@@ -30,7 +30,7 @@ def _lazy(name):
     return call
 
 
-_API = ("load_model", "perplexity", "evaluate", "prune", "shrink", "tune", "merge", "bench", "report")
+_API = ("load_model", "perplexity", "evaluate", "prune", "shrink", "tune", "merge", "convert", "bench", "report")
 for _name in _API:
     globals()[_name] = _lazy(_name)
 del _name

@@ -12,7 +12,7 @@ from .evaluation.perplexity import perplexity
 from .io import check_output_file, load_model
 from .manifest import measure, versions, machine, write_json_atomic
 
-__all__ = ["load_model", "perplexity", "evaluate", "prune", "shrink", "tune", "merge", "bench", "report"]
+__all__ = ["load_model", "perplexity", "evaluate", "prune", "shrink", "tune", "merge", "convert", "bench", "report"]
 
 
 def evaluate(model=None, *, ppl: list[str] | tuple = ("wikitext2",), seqlen: int = 512, batch_size: int = 8,
@@ -91,6 +91,38 @@ def merge(*args, **kwargs):
     from .tuning.api import merge as _merge
 
     return _merge(*args, **kwargs)
+
+
+def convert(model, *, out, save_format: str = "dense", overwrite: bool = False) -> dict:
+    """Rewrite a local safetensors checkpoint as ``dense`` (what serving engines load) or ``compressed``
+    (its sparse matrices in the sparse-bitmask layout, `prunetune.sparse_storage`). The weights are equal;
+    ``out`` is written in one rename. Returns what was stored (sizes before and after)."""
+    import shutil
+
+    from . import sparse_storage as ss
+    from .io import atomic_output_dir, check_output_dir, resolve_model, write_manifest
+
+    ss.check_save_format(save_format)
+    src = resolve_model(model)
+    if src.kind != "local" or not any(f.endswith(".safetensors") for f in src.weight_files):
+        raise PrunetuneError(f"convert takes a local safetensors checkpoint ('{src.spec}' is not one)")
+    out_path = check_output_dir(out, overwrite=overwrite, inputs=(src.home,))
+    t0 = time.time()
+    with measure() as m, atomic_output_dir(out_path, overwrite=overwrite) as tmp:
+        for f in Path(src.path).iterdir():  # the dense files (a compressed input's dense view)
+            if f.is_file() and f.name != "prunetune_manifest.json":
+                shutil.copy2(f, tmp / f.name)
+        if save_format == "compressed":
+            storage = ss.compress_checkpoint(tmp)
+        else:
+            storage = {"format": "dense", "weight_file_bytes_stored": sum(f.stat().st_size for f in tmp.glob("*.safetensors"))}
+        storage["source_weight_file_bytes"] = sum(Path(f).stat().st_size for f in src.weight_files)
+        write_manifest(tmp, {"tool": "prunetune", "command": "convert", "save_format": save_format,
+                             "source_model": src.location(), "storage": storage})
+    storage["manifest"] = {"tool": "prunetune", "command": "convert", "versions": versions(),
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t0)), **m.as_dict()}
+    storage["out"] = str(out_path)
+    return storage
 
 
 def demo(methods=("magnitude", "wanda", "sparsegpt", "apt"), sparsities=("0.5", "2:4"), *, nsamples: int = 32,

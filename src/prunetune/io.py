@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import sparse_storage
 from .errors import OutputWriteError, PrunetuneError, writing
 from .manifest import sha256_file
 from .paths import DEFAULT_MODEL
@@ -43,16 +44,24 @@ class ModelSource:
     path: str  # directory (local), directory holding the gguf file, or hub id
     gguf_file: str | None = None
     weight_files: list[str] = field(default_factory=list)
+    origin: str | None = None  # a checkpoint stored compressed: its folder (``path`` is then its dense view)
+
+    @property
+    def home(self) -> str:
+        """The folder the user named (not the temporary dense view of a compressed checkpoint)."""
+        return self.origin or self.path
 
     def location(self) -> str:
         """The model as an absolute path (the .gguf file for GGUF), or the Hub id: recorded as ``source_model``."""
         if self.kind == "hub":
             return self.spec
-        p = Path(self.path) / self.gguf_file if self.gguf_file else Path(self.path)
+        p = Path(self.path) / self.gguf_file if self.gguf_file else Path(self.home)
         return str(p.expanduser().resolve())
 
     def describe(self, with_hash: bool = True) -> dict:
-        d = {"spec": self.spec, "kind": self.kind, "path": self.path}
+        d = {"spec": self.spec, "kind": self.kind, "path": self.home}
+        if self.origin:
+            d["stored"] = sparse_storage.FORMAT
         if self.gguf_file:
             d["gguf_file"] = self.gguf_file
         if with_hash and self.weight_files:
@@ -80,6 +89,9 @@ def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
             files = sorted(str(f) for f in p.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file())
             if not files:
                 raise PrunetuneError(f"model directory '{spec}' has a config.json but no weight files")
+            if sparse_storage.is_compressed(p):  # every command reads it through a dense copy of its own
+                verify_manifest(p)
+                return ModelSource(spec, "local", str(sparse_storage.dense_view(p)), None, files, origin=str(p))
             return ModelSource(spec, "local", str(p), None, files)
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:

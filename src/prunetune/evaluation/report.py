@@ -157,6 +157,7 @@ class ZsEntry:
     metric: str
     source: str
     protocol: str = ""
+    files: dict = None  # task -> sha256 of the documents scored (pairs only form over the same documents)
 
 
 def _pruned_identity(model_info: dict) -> tuple[str, str, str] | None:
@@ -214,8 +215,9 @@ def _gather(sources: list[Source]):
             if d.get("zeroshot"):
                 z = d["zeroshot"]
                 label = model if method == "dense" else f"{model} {method} {sp}"
+                files = {t: (i or {}).get("sha256") for t, i in (z.get("protocol", {}).get("tasks") or {}).items()}
                 zs.append(ZsEntry(label, z["tasks"], z.get("average") or {}, z.get("average_metric", "acc"), name,
-                                  _zs_protocol(z)))
+                                  _zs_protocol(z), files))
         elif s.kind == "prune":
             man = d["manifest"]
             model = _model_name((man.get("model") or {}).get("spec"))
@@ -306,6 +308,11 @@ def _ppl_section(rows: list[PplRow]) -> list[str]:
             "", *_table(header, body), ""]
 
 
+def _acc_cell(r: dict, key: str) -> str:
+    v, se = r.get(key), r.get(f"{key}_stderr")
+    return _f(v, 4) + (f" ± {se:.3f}" if isinstance(se, float) else "")
+
+
 def _zs_section(entries: list[ZsEntry]) -> list[str]:
     if not entries:
         return []
@@ -318,7 +325,7 @@ def _zs_section(entries: list[ZsEntry]) -> list[str]:
         row = [t]
         for e in entries:
             r = e.tasks.get(t) or {}
-            row += [_f(r.get("acc"), 4), _f(r.get("acc_norm"), 4)]
+            row += [_acc_cell(r, "acc"), _acc_cell(r, "acc_norm")]
         body.append(row)
     metrics = sorted({e.metric for e in entries})
     avg = ["**average**"]
@@ -329,9 +336,32 @@ def _zs_section(entries: list[ZsEntry]) -> list[str]:
     body += [avg, prot]
     return ["## Zero-shot accuracy", "",
             f"Average: unweighted mean over the requested tasks; headline metric: {', '.join(metrics)}. "
-            "acc_norm is the length-normalised accuracy. Zero-shot log-likelihood multiple choice "
-            "(lm-evaluation-harness); the last row: examples scored and the source file.", "",
-            *_table(header, body), ""]
+            "acc_norm is the length-normalised accuracy; ± one standard error (lm-eval's). Zero-shot "
+            "log-likelihood multiple choice (lm-evaluation-harness); the last row: examples scored and the source "
+            "file.", "", *_table(header, body), "", *_zs_paired(entries, tasks)]
+
+
+def _zs_paired(entries: list[ZsEntry], tasks: list[str]) -> list[str]:
+    """Each model against the first, document by document (paired standard error): which differences are
+    beyond noise."""
+    from .zeroshot import NOISE_Z, paired_difference
+
+    ref, rows = entries[0], []
+    for e in entries[1:]:
+        for t in tasks:
+            a, b = e.tasks.get(t) or {}, ref.tasks.get(t) or {}
+            same_docs = (e.files or {}).get(t) == (ref.files or {}).get(t)
+            if not (a.get("correct") and b.get("correct") and same_docs and len(a["correct"]) == len(b["correct"])):
+                continue
+            d = paired_difference(a["correct"], b["correct"])
+            rows.append([e.label, t, d["n"], f"{d['diff']:+.4f}", f"{d['stderr']:.4f}",
+                         "within noise" if d["within_noise"] else "**resolved**"])
+    if not rows:
+        return []
+    return [f"### Against {ref.label}, document by document", "",
+            f"acc of the model minus acc of {ref.label} on the same documents; stderr of the mean per-document "
+            f"difference (paired). Resolved: |difference| >= {NOISE_Z} stderr (two-sided 95%).", "",
+            *_table(["model", "task", "n", "Δ acc", "stderr", "verdict"], rows), ""]
 
 
 def _prune_section(prunes: list[dict]) -> list[str]:

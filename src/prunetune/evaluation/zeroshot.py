@@ -283,8 +283,9 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], *, limit: int | None =
         device: run on this device (the model is moved there and back); default: where the model is.
 
     Returns:
-        ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}},
-        "average": {"acc", "acc_norm"}, "average_metric": "acc", "protocol": {...}}``.
+        ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "correct",
+        "correct_norm"}}, "average": {"acc", "acc_norm"}, "average_metric": "acc", "protocol": {...}}``;
+        ``correct`` is each document's 0/1 in document order (for `paired_difference`).
     """
     names = _check_names(tasks)
     if limit is not None:
@@ -358,12 +359,43 @@ def _run(model, tokenizer, loaded, *, limit, batch_size, device):
         bos = getattr(tokenizer, "bos_token_id", None)
         facts = {"bos_prepended": bos is not None and lm.tok_encode("a")[:1] == [bos],
                  "max_length": int(lm.max_length), "device": str(lm.device)}
-        results = evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=False)
+        results = evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True)
     finally:
         model.train(was_training)
         if device is not None and home is not None:
             model.to(home)
     return results, facts
+
+
+def _outcomes(samples: list[dict]) -> dict:
+    """Each document's result in document order, as a string of 0/1 (``correct``, ``correct_norm``), so that
+    two models scored on the same documents can be compared pair by pair (`paired_difference`)."""
+    rows = sorted(samples, key=lambda x: x["doc_id"])
+    out = {}
+    for key, metric in (("correct", "acc"), ("correct_norm", "acc_norm")):
+        vals = [r.get(metric) for r in rows]
+        if vals and all(v in (0, 1, 0.0, 1.0, True, False) for v in vals):
+            out[key] = "".join("1" if v else "0" for v in vals)
+    return out
+
+
+#: two models' accuracies differ beyond noise when the paired difference is at least this many standard errors
+#: away from zero (two-sided 95%)
+NOISE_Z = 1.96
+
+
+def paired_difference(a: str, b: str) -> dict:
+    """Accuracy of A minus accuracy of B on the same documents (strings of 0/1 from `_outcomes`), with the
+    standard error of the mean of the per-document differences: pairing removes the variance the two models
+    share (which documents are hard), so it resolves far smaller differences than two independent stderrs."""
+    if len(a) != len(b) or not a:
+        raise PrunetuneError(f"paired comparison needs the same documents (got {len(a)} and {len(b)} results)")
+    d = [int(x) - int(y) for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    se = math.sqrt(var / n)
+    return {"diff": mean, "stderr": se, "n": n, "within_noise": abs(mean) < NOISE_Z * se or (mean == 0 and se == 0)}
 
 
 def _summarise(results: dict, names: list[str], task_info: dict, lm_facts: dict, *, limit, batch_size) -> dict:
@@ -378,6 +410,7 @@ def _summarise(results: dict, names: list[str], task_info: dict, lm_facts: dict,
         n = n_samples.get(name, {}).get("effective")
         per_task[name] = {"acc": acc, "acc_stderr": acc_se, "acc_norm": norm, "acc_norm_stderr": norm_se,
                           "n": int(n) if n is not None else None}
+        per_task[name].update(_outcomes(results.get("samples", {}).get(name) or []))
     # a built-in name may be a tag whose tasks are reported one by one: then average those
     headline = [per_task[n] for n in names if n in per_task] or list(per_task.values())
     average = {"acc": _mean(t["acc"] for t in headline), "acc_norm": _mean(t["acc_norm"] for t in headline)}

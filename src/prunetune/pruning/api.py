@@ -21,6 +21,7 @@ from ..io import (all_finite, atomic_output_dir, check_output_dir, load_model, p
 from ..manifest import machine, measure, peak_rss_mb, versions
 from ..models import get_adapter
 from ..models.discover import preflight
+from ..sparse_storage import check_save_format, compress_checkpoint
 from .masks import parse_sparsity
 from .methods import check_options, get_method
 from .owl import outlier_ratios, owl_layer_specs
@@ -58,7 +59,7 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
           eval_max_windows: int | None = None, dtype: str = "float32", device: str | None = None,
           overwrite: bool = False, resume: bool = False, batch_size: int = 8, method_opts: dict | None = None,
           stream: bool | None = None, cache_budget="auto", compute_dtype: str = "auto", progress: bool = True,
-          units=None) -> dict:
+          units=None, save_format: str = "dense") -> dict:
     """Prune ``model`` (HF dir, Hub id or GGUF) and write a plain HF checkpoint plus ``prune_report.json`` to ``out``.
 
     ``sparsity``: 0.5 = half of every pruned matrix is zero; "2:4" keeps 2 of every 4 consecutive input
@@ -71,6 +72,10 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
 
     ``units`` (a ``structured.neurons.UnitPlan``; ``method`` and ``sparsity`` are then ignored): remove whole
     MLP neurons and heads instead of weights, in the same streamed, resumable driver (``shrink --structure``).
+
+    ``save_format="compressed"``: the pruned matrices are stored in compressed-tensors' sparse-bitmask layout
+    (`prunetune.sparse_storage`: 0.53x their dense bytes at 50% in float32); every prunetune command reads it,
+    ``prunetune convert`` turns it back into the dense checkpoint serving engines load. Default ``dense``.
     """
     from ..devices import resolve_device as _device
 
@@ -83,6 +88,9 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
     damp = pm.damp if damp is None else damp
     if damp < 0:
         raise PrunetuneError(f"--damp must be non-negative (got {damp})")
+    check_save_format(save_format)
+    if units is not None and save_format != "dense":
+        raise PrunetuneError("a shrunk model has no zeros to store compressed (--save-format is for prune)")
     if owl and spec.kind != "unstructured":
         raise PrunetuneError("--owl sets per-layer unstructured sparsity; it cannot be combined with N:M")
     if units is None:
@@ -105,7 +113,7 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
         if not state_file.is_file():
             raise PrunetuneError(f"nothing to resume: no interrupted run for '{out_path}'")
     else:
-        check_output_dir(out_path, overwrite=overwrite, inputs=(src.path if src.kind != "hub" else None,))
+        check_output_dir(out_path, overwrite=overwrite, inputs=(src.home if src.kind != "hub" else None,))
     with run_lock(out_path):  # held until the run ends: a second run into the same --out refuses to start
         if not resume and partial.exists():
             log.info("removing the leftovers of an earlier interrupted run: %s", partial)
@@ -254,7 +262,9 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                     net.config = new_config(input_config, units)
                 _write_rest(net, adapter, source, writer, tmp, tok, torch_dtype)
                 shutil.rmtree(tmp / RESUME, ignore_errors=True)
+                storage = compress_checkpoint(tmp) if save_format == "compressed" else {"format": "dense"}
                 report = _report(done, protocol, net, adapter)
+                report["storage"] = storage
                 report["activation_cache"] = cache.describe()
                 command = "prune" if units is None else "shrink"
                 report["manifest"] = {"tool": "prunetune", "command": command, **protocol, "versions": versions(),

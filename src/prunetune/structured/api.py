@@ -109,7 +109,7 @@ def shrink(model=None, *, ratio: float, out, method: str = "pca", calib: str = "
         from ..models.discover import preflight
 
         preflight(src.path)
-    out_path = check_output_dir(out, overwrite=overwrite, inputs=(src.path if src.kind != "hub" else None,))
+    out_path = check_output_dir(out, overwrite=overwrite, inputs=(src.home if src.kind != "hub" else None,))
     t_start = time.time()
     with measure() as meas:
         net, tok, model_info = load_model(src.spec, dtype=dtype, device=device)
@@ -214,7 +214,7 @@ def _shrink_auto(model, *, ratio, out, select, damp, calib, nsamples, seqlen, se
     device = resolve_device(device)
     src = resolve_model(model)
     config = _config_of(src)
-    out_path = check_output_dir(out, overwrite=overwrite, inputs=(src.path if src.kind != "hub" else None,))
+    out_path = check_output_dir(out, overwrite=overwrite, inputs=(src.home if src.kind != "hub" else None,))
     plans = []
     for share in AUTO_HEAD_SHARES:
         try:

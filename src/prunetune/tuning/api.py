@@ -38,6 +38,7 @@ from ..errors import OutputWriteError, PrunetuneError, write_failure, writing
 from ..io import (check_output_dir, load_model, partial_dir_for, publish_dir, resolve_model, run_lock,
                   verify_manifest, write_manifest)
 from ..manifest import machine, peak_rss_mb, reset_peak_rss, sha256_file, versions
+from ..sparse_storage import check_save_format, compress_checkpoint
 from .base import TuningMethod, get_method
 
 log = logging.getLogger("prunetune")
@@ -122,7 +123,7 @@ def _open_run(out, resume: bool, overwrite: bool, src) -> tuple[Path, Path, int 
     out_path = Path(out).expanduser().resolve()
     partial = partial_dir_for(out_path)
     if not resume:
-        check_output_dir(out_path, overwrite=overwrite, inputs=(src.path if src.kind != "hub" else None,))
+        check_output_dir(out_path, overwrite=overwrite, inputs=(src.home if src.kind != "hub" else None,))
         return out_path, partial, None
     if out_path.exists() and not overwrite:
         raise PrunetuneError(f"output directory '{out_path}' already exists (use --overwrite to replace it)")
@@ -159,7 +160,7 @@ def tune(model=None, *, method: str, data, out, merge: bool = False, teacher: st
          kd_temperature: float = 1.0, kd_weight: float = 1.0, calib: str | None = None, calib_samples: int = 64,
          calib_seqlen: int = 512, seq_len: int = 256, eval_size: float | int = 0.05, max_records: int | None = None,
          data_mode: str = "auto", dtype: str = "float32", device: str | None = None, overwrite: bool = False,
-         resume: bool = False, progress: bool = True, **options) -> dict:
+         resume: bool = False, progress: bool = True, save_format: str = "dense", **options) -> dict:
     """Fine-tune ``model`` with ``method`` on ``data`` and write adapters (+ a plain checkpoint) to ``out``.
 
     ``method``: a registered tuning method (``spp``, ``lora``, ``lora-masked``, ``dora``, ``pat``; see
@@ -173,6 +174,8 @@ def tune(model=None, *, method: str, data, out, merge: bool = False, teacher: st
     ``calib`` / ``calib_samples`` / ``calib_seqlen``: the windows methods look at before training (PAT's
     rotation and mask warm start): a corpus, or None for the first training examples. ``merge``: also export
     the merged checkpoint. ``resume``: continue the interrupted run of the same settings into ``out``.
+    ``save_format="compressed"``: the merged checkpoint of a method that keeps the zeros (SPP) is stored in the
+    sparse-bitmask layout (`prunetune.sparse_storage`).
 
     Returns the report written to ``out/tune_report.json`` (plus ``out``)."""
     from ..devices import resolve_device as _device
@@ -180,6 +183,7 @@ def tune(model=None, *, method: str, data, out, merge: bool = False, teacher: st
     cls = get_method(method)
     train_opts, method_opts = split_options(cls, options)
     tm = cls(**method_opts)
+    _check_compressed_output(cls, save_format, merge or cls.always_exports)
     _check_scalars(seq_len, max_records)
     if calib is not None and not tm.uses_calibration():
         raise PrunetuneError(f"--calib is not used by {tm.name} with these options (it feeds pat's --rotate and "
@@ -208,6 +212,7 @@ def tune(model=None, *, method: str, data, out, merge: bool = False, teacher: st
             torch.cuda.reset_peak_memory_stats()
         job = _prepare_job(tm, src, data_path, data_mode, seq_len, eval_size, max_records, tcfg.seed, dtype, calib,
                            calib_samples, calib_seqlen, merge, teacher, kd_temperature, kd_weight)
+        job.save_format = save_format
         res = _run_training(tm, job, tcfg, partial, resume)
         if res is None:  # another process of a distributed run: rank 0 writes
             return {}
@@ -311,6 +316,8 @@ def _write_tune_output(tm, job, res, report, partial: Path, out_path: Path, over
             if "sparsity_after_merge" in exported:
                 report["sparsity"]["after_merge"] = exported.pop("sparsity_after_merge")
             report.update(exported)
+            if job.save_format == "compressed":
+                report["storage"] = compress_checkpoint(stage)
         stage.mkdir(parents=True, exist_ok=True)
         shutil.copytree(work / "adapters", stage / ADAPTER_DIR)
         base = {k: job.model_info.get(k) for k in ("spec", "kind", "path", "gguf_file", "model_type", "dtype",
@@ -490,7 +497,8 @@ def load_adapted(adapters, *, model=None, method: str | None = None, dtype: str 
 
 
 def merge(adapters, *, out, method: str | None = None, model=None, dtype: str | None = None,
-          device: str | None = None, overwrite: bool = False, stream: bool | None = None) -> dict:
+          device: str | None = None, overwrite: bool = False, stream: bool | None = None,
+          save_format: str = "dense") -> dict:
     """Turn the adapters of a ``tune`` output into a plain Hugging Face checkpoint in ``out``.
 
     ``adapters``: the ``tune`` output folder (or its ``adapters/`` subfolder). ``method``: defaults to the one
@@ -498,16 +506,18 @@ def merge(adapters, *, out, method: str | None = None, model=None, dtype: str | 
     ``model``: the base model (default: the recorded one; it must have the recorded fingerprint).
     SPP: merged sparse checkpoint with the input's zero pattern (verified); PAT: the shrunk model.
     ``stream``: merge tensor by tensor without loading the model (``tuning/streamed.py``); default: when the
-    base is a local safetensors checkpoint and the method can (SPP, PAT)."""
+    base is a local safetensors checkpoint and the method can (SPP, PAT). ``save_format="compressed"``: an
+    SPP merge stored in the sparse-bitmask layout (`prunetune.sparse_storage`)."""
     adir = find_adapters(adapters)
     if adir.name == ADAPTER_DIR:
         verify_manifest(adir.parent)  # a tune output: adapters must match their recorded hashes
     rec = _read_record(adir)
     spec = model if model is not None else rec["base_model"].get("path") or rec["base_model"].get("spec")
     src = resolve_model(spec)
-    out_path = check_output_dir(out, overwrite=overwrite, inputs=(src.path if src.kind != "hub" else None, str(adir)))
+    out_path = check_output_dir(out, overwrite=overwrite, inputs=(src.home if src.kind != "hub" else None, str(adir)))
     trained = get_method(rec["method"])
     cls = trained if method is None else get_method(method)
+    _check_compressed_output(cls, save_format, True)
     can_stream = src.kind == "local" and any(f.endswith(".safetensors") for f in src.weight_files) \
         and hasattr(cls, "stream_tensors") and cls is trained
     stream = can_stream if stream is None else bool(stream and can_stream)
@@ -528,6 +538,8 @@ def merge(adapters, *, out, method: str | None = None, model=None, dtype: str | 
                 report["sparsity"] = {"before": before, "after_merge": exported.pop("sparsity_after_merge"),
                                       "of": "decoder-layer linear weights"}
             report.update(exported)
+        if save_format == "compressed":
+            report["storage"] = compress_checkpoint(stage)
         report["manifest"] = {"tool": "prunetune", "command": "merge", "versions": versions(), "machine": machine(),
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)),
                               "wall_time_s": round(time.perf_counter() - t0, 3),
@@ -544,6 +556,17 @@ def merge(adapters, *, out, method: str | None = None, model=None, dtype: str | 
         raise
     report["out"] = str(out_path)
     return report
+
+
+def _check_compressed_output(cls, save_format: str, exports: bool) -> None:
+    """Refuse, before any work, a compressed output that would have no zeros to store (or no checkpoint)."""
+    if check_save_format(save_format) == "dense":
+        return
+    if not exports:
+        raise PrunetuneError("--save-format compressed stores the merged checkpoint: add --merge")
+    if not cls.keeps_zeros:
+        raise PrunetuneError(f"--save-format compressed is for sparse checkpoints; {cls.name} does not keep the "
+                             "input's zeros (use spp)")
 
 
 def _merge_streamed(adir: Path, rec: dict, cls, src, stage: Path, dtype) -> tuple:

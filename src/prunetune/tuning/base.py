@@ -11,7 +11,8 @@ command line need, so none of them branches on method names:
   to several methods);
 - class facts: ``default_lr``; ``zero_pattern`` — what the exported checkpoint promises about the input's
   zeros (``"identical"``: checked, a mismatch is an error; ``"recorded"``: checked and reported; None: the
-  export changes the shapes); ``always_exports`` (the exported checkpoint is the result, e.g. PAT's smaller
+  export changes the shapes); ``keeps_zeros`` (the export keeps every zero of the input, so it can be stored
+  compressed); ``always_exports`` (the exported checkpoint is the result, e.g. PAT's smaller
   model); ``teacher_is_input`` (``--teacher auto`` distils from the input itself rather than from the model
   the input was pruned from); ``merges_as`` (other method names the adapters can be merged as);
 - hooks, in the order they are called: ``check`` (warnings about the input), ``setup`` (before injection,
@@ -46,6 +47,7 @@ class TuningMethod:
     Config: type | None = None
     default_lr: float = 1e-4
     zero_pattern: str | None = None
+    keeps_zeros = False
     always_exports = False
     teacher_is_input = False
     merges_as: tuple[str, ...] = ()

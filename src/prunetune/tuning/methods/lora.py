@@ -131,3 +131,4 @@ class MaskedLoRAMethod(LoRAMethod):
 
     name = "lora-masked"
     masked_merge = True
+    keeps_zeros = True

@@ -86,6 +86,7 @@ class SPPMethod(TuningMethod):
     Config = SPPConfig
     default_lr = 4e-3
     zero_pattern = "identical"
+    keeps_zeros = True
     cli_options = (
         ("--spp-groups", "groups", {"type": int, "help": "row blocks sharing one factor row (default 16)"}),
         ("--spp-r", "r", {"type": int, "help": "r; scaling = alpha / r (default 16)"}),
