@@ -14,8 +14,9 @@ removed from compressed-tensors"). So a compressed checkpoint is for storage and
 command accepts it (it is decompressed tensor by tensor into a temporary dense copy, `dense_view`), and
 ``prunetune convert --save-format dense`` writes the plain checkpoint serving engines load.
 
-Sizes: a matrix at sparsity s costs (1 - s) of its values plus 1 bit per weight, i.e. 0.53x its dense bytes
-at 50% (or 2:4) in float32 and 0.56x in bfloat16; a matrix is stored compressed only where that is smaller.
+Sizes: a matrix at sparsity s costs (1 - s) of its values, 1 bit per weight and 8 bytes per row: on SmolLM2's
+matrices 0.534x their dense bytes at 50% (or 2:4) in float32 and 0.568x in bfloat16 (BENCHMARKS §10); a matrix
+is stored compressed only where that is smaller.
 A ``-0.0`` is read back as ``+0.0`` (the same number); every other bit is kept.
 """
 
