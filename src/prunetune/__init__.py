@@ -10,7 +10,7 @@ Python API (the CLI is a thin layer over it)::
     pt.tune("pruned_dir", method="spp", data="alpaca", out="tuned_dir", merge=True, teacher="auto")
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 from .errors import PrunetuneError  # noqa: E402
 

@@ -177,27 +177,6 @@ def all_finite(t: torch.Tensor, dtype: torch.dtype | None = None, chunk_elems: i
                for i in range(0, flat.numel(), chunk_elems))
 
 
-_LIBC = None
-
-
-def trim_heap() -> None:
-    """Give freed heap memory back to the system (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Freed blocks below glibc's mmap threshold (which rises to 32 MB as large blocks are freed) stay in the
-    heap and keep counting as resident memory; between the layers of a streamed prune they are only waste."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018  (raises AttributeError where it does not exist)
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
 def check_finite(model) -> None:
     """Refuse weights holding NaN/Inf, naming the tensor (they would only show up later as NaN losses)."""
     for name, p in model.named_parameters():

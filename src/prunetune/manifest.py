@@ -32,7 +32,7 @@ def sha256_bytes(data: bytes) -> str:
 def versions() -> dict:
     import transformers
 
-    from . import __version__
+    from ._version import __version__
 
     out = {
         "prunetune": __version__,
@@ -71,8 +71,6 @@ def reset_peak_rss() -> bool:
     The count restarts from the current RSS, so garbage is collected and freed heap handed back to the
     system first; otherwise memory that glibc keeps from an earlier job counts towards this one's peak."""
     import gc
-
-    from .io import trim_heap
 
     gc.collect()
     trim_heap()
@@ -137,3 +135,24 @@ def write_json_atomic(path: str | Path, obj) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+_LIBC = None
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Freed blocks below glibc's mmap threshold (which rises to 32 MB as large blocks are freed) stay in the
+    heap and keep counting as resident memory; between the layers of a streamed prune they are only waste."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018  (raises AttributeError where it does not exist)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)

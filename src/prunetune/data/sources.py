@@ -81,7 +81,7 @@ def _read_file(path: Path) -> tuple[str, str]:
 
             try:
                 table = pq.read_table(path, columns=["text"])
-            except (KeyError, ValueError) as e:
+            except (KeyError, ValueError):
                 raise PrunetuneError(f"'{path}' has no 'text' column") from None
             return DOC_SEP.join(str(t) for t in table.column("text").to_pylist()), "parquet 'text' column joined with \\n\\n"
         data = path.read_bytes()

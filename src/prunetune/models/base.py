@@ -42,18 +42,27 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_adapter(model: nn.Module) -> "ModelAdapter":
-    """The family's adapter class, or one discovered from the module tree (``discover.py``)."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    cls = _REGISTRY.get(model_type)
-    if cls is not None:
-        return cls(model)
-    if config is None or not isinstance(model, nn.Module):
-        raise PrunetuneError(f"unsupported model '{model_type}': not a transformers model")
-    from .discover import DiscoveredAdapter
+#: transformers' expert-bank parameters (3-D): gate_up_proj [experts, 2 x inner, hidden], down_proj [experts,
+#: hidden, inner]
+BANK_PARAMS = ("gate_up_proj", "down_proj")
 
-    return DiscoveredAdapter(model)
+
+def expert_banks(layer: nn.Module) -> list[str]:
+    """Paths (inside a layer) of transformers expert banks; one clear line for a 3-D layout not understood."""
+    banks = []
+    for name, mod in layer.named_modules():
+        three_d = [pn for pn, p in mod.named_parameters(recurse=False) if p.dim() == 3]
+        looks_like_experts = hasattr(mod, "num_experts") or "expert" in name.lower() or set(three_d) & set(BANK_PARAMS)
+        if not three_d or not looks_like_experts:  # e.g. a depthwise convolution (Mamba): not an expert bank
+            continue
+        plain = (getattr(mod, "is_concatenated", True) and not getattr(mod, "is_transposed", False)
+                 and not getattr(mod, "has_bias", False) and getattr(mod, "has_gate", True))
+        if sorted(three_d) != sorted(BANK_PARAMS) or not hasattr(mod, "num_experts") or not plain:
+            raise PrunetuneError(f"the mixture-of-experts layout of '{name}' is not understood (3-D weights "
+                                 f"{', '.join(three_d)}; supported: an experts module with gate_up_proj "
+                                 "[experts, 2 x inner, hidden] and down_proj [experts, hidden, inner])")
+        banks.append(name)
+    return banks
 
 
 class _Stop(Exception):
@@ -114,7 +123,6 @@ def _traced_call(layer: nn.Module, hidden, kwargs: dict, trace: list):
     """Run ``layer`` once, recording which ``nn.Linear`` (or expert bank: its two virtual linears) is called in
     which order on which input tensor."""
     from ..pruning.experts import virtual_names
-    from .discover import expert_banks
 
     hooks = []
     for name, mod in layer.named_modules():

@@ -21,16 +21,14 @@ rotation refuse such models and name the families they support.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..errors import PrunetuneError
-from .base import ModelAdapter, groups_from_trace
+from .base import BANK_PARAMS, ModelAdapter, expert_banks, groups_from_trace  # noqa: F401
 
 #: attribute on the decoder ``ModuleList`` holding the traced groups (shared by every adapter of that model)
 GROUPS_ATTR = "_prunetune_linear_groups"
 #: parameter names of a transformers expert bank (3-D: experts first)
-BANK_PARAMS = ("gate_up_proj", "down_proj")
 
 
 def _path_of(model: nn.Module, target: nn.Module) -> str | None:
@@ -58,24 +56,6 @@ def find_stack(model: nn.Module) -> str:
         raise PrunetuneError(f"cannot find the decoder layers of model type '{model.config.model_type}' (no "
                              f"ModuleList of its num_hidden_layers={n} blocks of one type)")
     return best
-
-
-def expert_banks(layer: nn.Module) -> list[str]:
-    """Paths (inside a layer) of transformers expert banks; one clear line for a 3-D layout not understood."""
-    banks = []
-    for name, mod in layer.named_modules():
-        three_d = [pn for pn, p in mod.named_parameters(recurse=False) if p.dim() == 3]
-        looks_like_experts = hasattr(mod, "num_experts") or "expert" in name.lower() or set(three_d) & set(BANK_PARAMS)
-        if not three_d or not looks_like_experts:  # e.g. a depthwise convolution (Mamba): not an expert bank
-            continue
-        plain = (getattr(mod, "is_concatenated", True) and not getattr(mod, "is_transposed", False)
-                 and not getattr(mod, "has_bias", False) and getattr(mod, "has_gate", True))
-        if sorted(three_d) != sorted(BANK_PARAMS) or not hasattr(mod, "num_experts") or not plain:
-            raise PrunetuneError(f"the mixture-of-experts layout of '{name}' is not understood (3-D weights "
-                                 f"{', '.join(three_d)}; supported: an experts module with gate_up_proj "
-                                 "[experts, 2 x inner, hidden] and down_proj [experts, hidden, inner])")
-        banks.append(name)
-    return banks
 
 
 def _linears(layer: nn.Module) -> list[str]:
@@ -141,26 +121,3 @@ def check_causal_lm_config(config) -> None:
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise PrunetuneError(f"model type '{mt}' is not a causal language model (transformers has no "
                              "AutoModelForCausalLM for it)")
-
-
-def preflight(directory):
-    """Check a local model folder before its weights are loaded: a causal LM whose decoder stack, linears and
-    any expert banks prunetune understands (built on the meta device from the config; nothing is read).
-    Returns that weightless model (None when the config is one the loader will report on itself)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from . import get_adapter
-
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError, KeyError):
-        return None  # the loader reports a config it cannot read, with its own message
-    check_causal_lm_config(config)
-    with init_empty_weights(include_buffers=False):
-        try:
-            model = AutoModelForCausalLM.from_config(config)
-        except (ValueError, TypeError, RuntimeError):
-            return None
-    get_adapter(model)
-    return model

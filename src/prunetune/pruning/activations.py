@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OutputWriteError, PrunetuneError
-from ..io import trim_heap
+from ..manifest import trim_heap
 
 JOURNAL = "journal.json"
 

@@ -20,7 +20,7 @@ from ..io import (all_finite, atomic_output_dir, check_output_dir, load_model, p
                   resolve_model, run_lock, verify_manifest, write_manifest)
 from ..manifest import machine, measure, peak_rss_mb, versions
 from ..models import get_adapter
-from ..models.discover import preflight
+from ..models import preflight
 from ..sparse_storage import check_save_format, compress_checkpoint
 from .masks import parse_sparsity
 from .methods import check_options, get_method

@@ -12,15 +12,14 @@ activation cache's file), so a killed run continues from the last finished layer
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import PrunetuneError
-from ..io import all_finite, trim_heap
+from ..io import all_finite
+from ..manifest import trim_heap
 from ..models import get_adapter
 from . import experts
 from .hessian import layer_error_stats

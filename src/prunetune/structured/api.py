@@ -106,7 +106,7 @@ def shrink(model=None, *, ratio: float, out, method: str = "pca", calib: str = "
     device = _device(device)
     src = resolve_model(model)
     if src.kind == "local":
-        from ..models.discover import preflight
+        from ..models import preflight
 
         preflight(src.path)
     out_path = check_output_dir(out, overwrite=overwrite, inputs=(src.home if src.kind != "hub" else None,))
@@ -173,7 +173,7 @@ def _shrink_units(model, *, ratio, out, structure, select, head_share, damp, **k
     src = resolve_model(model)
     config = _config_of(src)
     if src.kind == "local":
-        from ..models.discover import preflight
+        from ..models import preflight
 
         meta = preflight(src.path)
         if meta is not None:

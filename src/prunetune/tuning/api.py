@@ -196,7 +196,7 @@ def tune(model=None, *, method: str, data, out, merge: bool = False, teacher: st
     check_data_file(data_path, data_mode)
     src = resolve_model(model)
     if src.kind == "local":
-        from ..models.discover import preflight
+        from ..models import preflight
 
         skeleton = preflight(src.path)  # an unsupported model is said before any weight is read
         if skeleton is not None:

@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import SafetensorsSource, ShardWriter, skeleton
 from ..errors import PrunetuneError
-from ..io import trim_heap
+from ..manifest import trim_heap
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 

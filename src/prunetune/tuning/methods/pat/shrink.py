@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ....errors import PrunetuneError
-from ....structured.slicing import check_sliceable, save_shrunk, slice_hidden
+from ....structured.slicing import check_sliceable, save_shrunk, slice_hidden  # noqa: F401  (save_shrunk: PAT's export)
 from .hsm import PATModules
 
 PAT_ATTR = "prunetune_pat"

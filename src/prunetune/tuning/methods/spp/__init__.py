@@ -5,8 +5,9 @@
 - ``method.py`` the registered tuning method (options, dense-input check, adapter files, export)
 """
 
-from .layer import FORWARD_MODES, SPPLinear, block_sizes
-from .method import DENSE_SPARSITY, SPPConfig, SPPMethod
+from .config import FORWARD_MODES, SPPConfig
+from .layer import SPPLinear, block_sizes
+from .method import DENSE_SPARSITY, SPPMethod
 from .model import (apply_spp, count_trainable, load_spp_state_dict, merge_spp, spp_modules, spp_state_dict,
                     weight_sparsity)
 

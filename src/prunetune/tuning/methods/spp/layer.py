@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ....errors import PrunetuneError
+from .config import FORWARD_MODES, SPPConfig
 
-FORWARD_MODES = ("auto", "materialise", "grouped")
 
 
 def block_sizes(out_features: int, groups: int) -> list[int]:
@@ -114,8 +114,6 @@ class SPPLinear(nn.Module):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"SPPLinear wraps nn.Linear, got {type(base).__name__}")
         if config is None:
-            from .method import SPPConfig
-
             config = SPPConfig()
         self.base = base
         for p in base.parameters():

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from ....errors import PrunetuneError
 from ...base import TuningMethod, register, write_plain
-from .layer import FORWARD_MODES, block_sizes
+from .config import SPPConfig  # noqa: F401  (the method's Config)
+from .layer import block_sizes
 from .model import apply_spp, load_spp_state_dict, merge_spp, spp_state_dict, weight_sparsity
 
 
@@ -42,40 +43,6 @@ log = logging.getLogger("prunetune")
 DENSE_SPARSITY = 0.01
 ADAPTER_FILE = "spp_adapters.safetensors"
 ADAPTER_CONFIG = "spp_config.json"
-ON_DENSE = ("warn", "error", "ignore")
-
-
-@dataclass
-class SPPConfig:
-    """SPP hyper-parameters. ``scaling = alpha / r``; ``r`` only enters through that ratio."""
-
-    r: int = 16
-    alpha: float = 32.0
-    groups: int = 16
-    dropout: float = 0.05
-    #: linear names relative to a decoder layer ("self_attn.q_proj", ...); None = every linear of the adapter
-    targets: list[str] | None = None
-    forward: str = "auto"
-    #: what a dense input gets: "warn", "error" or "ignore" (no effect on the weights)
-    on_dense: str = "warn"
-
-    def __post_init__(self):
-        if int(self.r) <= 0:
-            raise PrunetuneError(f"SPP r must be positive (got {self.r})")
-        if int(self.groups) <= 0:
-            raise PrunetuneError(f"SPP groups must be positive (got {self.groups})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise PrunetuneError(f"SPP dropout must be in [0, 1) (got {self.dropout})")
-        if self.forward not in FORWARD_MODES:
-            raise PrunetuneError(f"unknown SPP forward '{self.forward}' (use {', '.join(FORWARD_MODES)})")
-        if self.on_dense not in ON_DENSE:
-            raise PrunetuneError(f"on_dense must be {', '.join(ON_DENSE)} (got {self.on_dense})")
-        if self.targets is not None:
-            self.targets = list(self.targets)
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r
 
 
 @register

@@ -7,6 +7,7 @@ from torch import nn
 
 from ....errors import PrunetuneError
 from ....models import get_adapter
+from .config import SPPConfig
 from .layer import SPPLinear
 
 def _targets(adapter, targets) -> list[str]:
@@ -38,8 +39,6 @@ def weight_sparsity(model: nn.Module, targets: list[str] | None = None) -> float
 def apply_spp(model: nn.Module, config=None, targets: list[str] | None = None) -> nn.Module:
     """Wrap the targeted linears of every decoder layer in ``SPPLinear``; freeze everything else. In place."""
     if config is None:
-        from .method import SPPConfig
-
         config = SPPConfig()
     if spp_modules(model):
         raise PrunetuneError("model already has SPP adapters")
