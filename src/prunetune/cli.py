@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (clipped to the model's context)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    p.add_argument("--calib-bos", default=None, choices=("stream", "window", "none"),
+                   help="BOS in the calibration windows (default: the family's convention, as eval --bos: one per "
+                        "window for Gemma, the tokenizer's own elsewhere)")
     p.add_argument("--damp", type=float, default=None,
                    help="Hessian dampening λ, a fraction of the mean diagonal (default: the method's, 0.01; apt 0.03)")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (also APT's start)")
@@ -138,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (clipped to the model's context)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    p.add_argument("--calib-bos", default=None, choices=("stream", "window", "none"),
+                   help="BOS in the calibration windows (default: the family's convention, as eval --bos: one per "
+                        "window for Gemma, the tokenizer's own elsewhere)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     p.add_argument("--eval", nargs="*", default=None, metavar="CORPUS", help="perplexity before/after on these corpora")
     p.add_argument("--out", required=True, help="output folder (written in one rename at the end)")
@@ -331,7 +337,8 @@ def _cmd_prune(a):
                 seqlen=a.seqlen, seed=a.seed, damp=a.damp, blocksize=a.blocksize, owl=a.owl,
                 true_sequential=not a.no_true_sequential, eval_corpora=a.eval, dtype=a.dtype, device=a.device,
                 overwrite=a.overwrite, resume=a.resume, batch_size=a.batch_size, cache_budget=a.cache_budget,
-                compute_dtype=a.compute_dtype, method_opts=parse_method_opts(a.method_opt), save_format=a.save_format)
+                compute_dtype=a.compute_dtype, method_opts=parse_method_opts(a.method_opt), save_format=a.save_format,
+                calib_bos=a.calib_bos)
     print(res["summary_table"])
     if res.get("storage", {}).get("format") != "dense":
         print(_storage_line(res["storage"]))
@@ -344,7 +351,8 @@ def _cmd_shrink(a):
     res = shrink(a.model, ratio=a.ratio, out=a.out, method=a.method, calib=a.calib, nsamples=a.nsamples,
                  seqlen=a.seqlen, seed=a.seed, batch_size=a.batch_size, eval_corpora=a.eval, dtype=a.dtype,
                  device=a.device, overwrite=a.overwrite, structure=a.structure, select=a.select,
-                 head_share=a.head_share, damp=a.damp, resume=a.resume, cache_budget=a.cache_budget)
+                 head_share=a.head_share, damp=a.damp, resume=a.resume, cache_budget=a.cache_budget,
+                 calib_bos=a.calib_bos)
     print(res["summary_table"])
     print(f"wrote {a.out}")
 

@@ -13,6 +13,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..data.bos import BOS_MODES, BOS_PER_WINDOW, family_bos  # noqa: F401  (BOS_*: re-exported)
 from ..data.sources import load_text, token_stream
 from ..errors import PrunetuneError
 from ..tuning.losses import hidden_states_out, lm_loss
@@ -34,16 +35,8 @@ def check_seqlen(model, seqlen: int) -> None:
         raise PrunetuneError(f"--seqlen {seqlen} is larger than the model allows ({limit} positions)")
 
 
-#: BOS handling: ``stream`` — the tokenizer's own (at most one BOS, at the start of the whole text); ``window`` —
-#: a BOS opens every window (``seqlen − 1`` text tokens after it); ``none`` — no BOS anywhere
-BOS_MODES = ("stream", "window", "none")
-#: families trained to see BOS at the start of every sequence: scoring them without one per window measures
-#: a state they never saw (Gemma-3 on WikiText-2 scores 2.5x worse); every other family keeps ``stream``
-BOS_PER_WINDOW = ("gemma", "gemma2", "gemma3", "gemma3_text", "recurrent_gemma")
-
-
 def default_bos(model) -> str:
-    return "window" if getattr(model.config, "model_type", None) in BOS_PER_WINDOW else "stream"
+    return family_bos(getattr(model.config, "model_type", None))
 
 
 def windows_of(ids: torch.Tensor, seqlen: int, bos: str, bos_id: int | None) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import ShardWriter, materialize, open_streaming, release
+from ..data.bos import family_bos
 from ..data.calibration import sample_calibration
 from ..errors import PrunetuneError
 from ..evaluation.perplexity import before_after_lines, max_positions, perplexity
@@ -59,7 +60,7 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
           eval_max_windows: int | None = None, dtype: str = "float32", device: str | None = None,
           overwrite: bool = False, resume: bool = False, batch_size: int = 8, method_opts: dict | None = None,
           stream: bool | None = None, cache_budget="auto", compute_dtype: str = "auto", progress: bool = True,
-          units=None, save_format: str = "dense") -> dict:
+          units=None, save_format: str = "dense", calib_bos: str | None = None) -> dict:
     """Prune ``model`` (HF dir, Hub id or GGUF) and write a plain HF checkpoint plus ``prune_report.json`` to ``out``.
 
     ``sparsity``: 0.5 = half of every pruned matrix is zero; "2:4" keeps 2 of every 4 consecutive input
@@ -72,6 +73,9 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
 
     ``units`` (a ``structured.neurons.UnitPlan``; ``method`` and ``sparsity`` are then ignored): remove whole
     MLP neurons and heads instead of weights, in the same streamed, resumable driver (``shrink --structure``).
+
+    ``calib_bos``: where BOS goes in the calibration windows (`data.bos`; None: the family's convention, as
+    ``eval --bos``: a BOS per window for Gemma, the tokenizer's own elsewhere).
 
     ``save_format="compressed"``: the pruned matrices are stored in compressed-tensors' sparse-bitmask layout
     (`prunetune.sparse_storage`: 0.53x their dense bytes at 50% in float32); every prunetune command reads it,
@@ -157,7 +161,8 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
             if limit is not None and seqlen > limit:
                 log.warning("calibration seqlen %d clipped to the model's %d positions", seqlen, limit)
                 seqlen = limit
-            ids, calib_protocol = sample_calibration(tok, calib, nsamples, seqlen, seed)
+            ids, calib_protocol = sample_calibration(tok, calib, nsamples, seqlen, seed,
+                                                     bos=calib_bos or family_bos(net.config.model_type))
             batches = _batches(ids, batch_size)
 
             protocol = {

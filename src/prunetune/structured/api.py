@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from ..data.bos import family_bos
 from ..data.calibration import sample_calibration
 from ..errors import PrunetuneError
 from ..evaluation.perplexity import before_after_lines, max_positions
@@ -78,11 +79,12 @@ def shrink(model=None, *, ratio: float, out, method: str = "pca", calib: str = "
            eval_max_windows: int | None = None, dtype: str = "float32", device: str | None = None,
            overwrite: bool = False, progress: bool = True, structure: str = "hidden", select: str = "obs",
            head_share: float | None = None, damp: float = 0.01, resume: bool = False,
-           cache_budget="auto") -> dict:
+           cache_budget="auto", calib_bos: str | None = None) -> dict:
     """Remove the fraction ``ratio`` of hidden channels of ``model`` (HF dir, Hub id or GGUF) — or, with
     ``structure`` ``mlp`` / ``heads`` / ``mlp+heads``, that share of decoder-layer weights as whole MLP neurons
     and heads — and write the smaller plain checkpoint plus ``shrink_report.json`` to ``out`` (see the module
-    docstring). ``select``, ``head_share``, ``damp``, ``resume`` and ``cache_budget`` apply to the unit path."""
+    docstring). ``select``, ``head_share``, ``damp``, ``resume`` and ``cache_budget`` apply to the unit path;
+    ``calib_bos``: BOS in the calibration windows (None: the family's convention, see `data.bos`)."""
     from ..devices import resolve_device as _device
     from ..pruning.api import _eval_pair
 
@@ -90,13 +92,13 @@ def shrink(model=None, *, ratio: float, out, method: str = "pca", calib: str = "
         return _shrink_auto(model, ratio=ratio, out=out, select=select, damp=damp, calib=calib, nsamples=nsamples,
                             seqlen=seqlen, seed=seed, batch_size=batch_size, eval_corpora=eval_corpora,
                             eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, dtype=dtype, device=device,
-                            overwrite=overwrite, progress=progress, cache_budget=cache_budget)
+                            overwrite=overwrite, progress=progress, cache_budget=cache_budget, calib_bos=calib_bos)
     if structure != "hidden":
         return _shrink_units(model, ratio=ratio, out=out, structure=structure, select=select, head_share=head_share,
                              damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
                              batch_size=batch_size, eval_corpora=eval_corpora, eval_seqlen=eval_seqlen,
                              eval_max_windows=eval_max_windows, dtype=dtype, device=device, overwrite=overwrite,
-                             progress=progress, resume=resume, cache_budget=cache_budget)
+                             progress=progress, resume=resume, cache_budget=cache_budget, calib_bos=calib_bos)
     if method not in SHRINK_METHODS:
         raise PrunetuneError(f"unknown shrink method '{method}' (use {', '.join(SHRINK_METHODS)})")
     check_ratio(ratio, "--ratio")
@@ -118,7 +120,8 @@ def shrink(model=None, *, ratio: float, out, method: str = "pca", calib: str = "
         if method != "magnitude":
             limit = max_positions(net.config)
             seqlen = min(int(seqlen), limit) if limit else int(seqlen)
-            ids, calib_protocol = sample_calibration(tok, calib, int(nsamples), seqlen, seed)
+            ids, calib_protocol = sample_calibration(tok, calib, int(nsamples), seqlen, seed,
+                                                     bos=calib_bos or family_bos(net.config.model_type))
             calib_ids = list(ids.split(int(batch_size)))
         small, info = shrink_model(net, ratio, method=method, calib=calib_ids)
         del net
@@ -189,10 +192,11 @@ def _shrink_units(model, *, ratio, out, structure, select, head_share, damp, **k
 
 
 @torch.no_grad()
-def held_out_loss(model_dir, calib: str, nsamples: int, seqlen: int, seed: int, dtype: str, device: str) -> dict:
+def held_out_loss(model_dir, calib: str, nsamples: int, seqlen: int, seed: int, dtype: str, device: str,
+                  bos: str | None = None) -> dict:
     """Mean next-token loss of a checkpoint on ``nsamples`` calibration-corpus windows drawn with ``seed``."""
     net, tok, _ = load_model(str(model_dir), dtype=dtype, device=device)
-    ids, proto = sample_calibration(tok, calib, nsamples, seqlen, seed)
+    ids, proto = sample_calibration(tok, calib, nsamples, seqlen, seed, bos=bos or family_bos(net.config.model_type))
     total = 0.0
     for b in ids.split(4):
         total += float(net(b.to(device), labels=b.to(device)).loss) * b.shape[0]
@@ -236,7 +240,8 @@ def _shrink_auto(model, *, ratio, out, select, damp, calib, nsamples, seqlen, se
         if not (d / "shrink_report.json").is_file():
             prune(src.spec, method="units", sparsity=None, out=str(d), units=plan, overwrite=True, calib=calib,
                   nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype, device=device, **kw)
-        score = held_out_loss(d, calib, HELD_OUT_WINDOWS, seqlen, seed + HELD_OUT_SEED, dtype, device)
+        score = held_out_loss(d, calib, HELD_OUT_WINDOWS, seqlen, seed + HELD_OUT_SEED, dtype, device,
+                              kw.get("calib_bos"))
         alts.append({"head_share_asked": share, "structure": str(plan),
                      "decoder_linear_weights_removed_share": params_removed_share(config, plan),
                      "held_out_loss": score["loss"], "dir": d})

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.bos import family_bos
 from ..errors import OutputWriteError, PrunetuneError, write_failure, writing
 from ..io import (check_output_dir, load_model, partial_dir_for, publish_dir, resolve_model, run_lock,
                   verify_manifest, write_manifest)
@@ -57,13 +58,15 @@ class Calibration:
     ``samples`` random windows of ``seqlen`` tokens of the corpus ``source``, or without a source the first
     ``samples`` training examples."""
 
-    def __init__(self, tokenizer, source, samples: int, seqlen: int, seed: int, train_examples: list[dict]):
+    def __init__(self, tokenizer, source, samples: int, seqlen: int, seed: int, train_examples: list[dict],
+                 bos: str = "stream"):
         if int(samples) <= 0:
             raise PrunetuneError(f"calibration samples must be positive (got {samples})")
         if int(seqlen) <= 1:
             raise PrunetuneError(f"calibration seqlen must be at least 2 (got {seqlen})")
         self.tok, self.source, self.samples, self.seqlen, self.seed = tokenizer, source, int(samples), int(seqlen), seed
         self.train_examples = train_examples
+        self.bos = bos
         self._windows, self._protocol = None, None
 
     def windows(self) -> list[torch.Tensor]:
@@ -75,7 +78,8 @@ class Calibration:
             else:
                 from ..data.calibration import sample_calibration
 
-                ids, self._protocol = sample_calibration(self.tok, self.source, self.samples, self.seqlen, self.seed)
+                ids, self._protocol = sample_calibration(self.tok, self.source, self.samples, self.seqlen, self.seed,
+                                                         bos=self.bos)
                 self._windows = list(ids.split(4))
         return self._windows
 
@@ -237,14 +241,15 @@ def _prepare_job(tm, src, data_path, data_mode, seq_len, eval_size, max_records,
     job.net, job.tok, job.model_info = load_model(src.spec, dtype=dtype, device="cpu")
     job.model_info["path"] = src.location()
     job.model_info["fingerprint"] = model_fingerprint(job.net)
-    job.data = load_tuning_data(data_path, job.tok, mode=data_mode, seq_len=int(seq_len), eval_size=eval_size,
+    job.bos = family_bos(job.net.config.model_type)
+    job.data = load_tuning_data(data_path, job.tok, mode=data_mode, seq_len=int(seq_len), bos=job.bos, eval_size=eval_size,
                                 seed=seed, limit=max_records)
     job.warnings = list(tm.check(job.net))
     job.sparsity_before = _sparsity(job.net)
     job.export = bool(merge or tm.always_exports)
     job.masks = zero_masks(job.net) if job.export and tm.zero_pattern else None
     job.linear_names = _linear_weight_names(job.net) if job.masks is not None else None
-    calibration = Calibration(job.tok, calib, calib_samples, calib_seqlen, seed, job.data.train)
+    calibration = Calibration(job.tok, calib, calib_samples, calib_seqlen, seed, job.data.train, bos=job.bos)
     job.setup = tm.setup(job.net, calibration)
     job.distill, job.distill_info = _distillation(teacher, kd_temperature, kd_weight, src, type(tm), job.net,
                                                   job.tok, dtype)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.bos import check_bos
 from ..data.sources import read_jsonl
 from ..errors import PrunetuneError
 from ..paths import TINYSTORIES, data_dir
@@ -190,8 +191,11 @@ def load_instruction_data(path, tokenizer, cutoff_len: int = 512, eval_size: flo
 
 
 def load_text_data(path, tokenizer, seq_len: int = 256, eval_size: float | int = 0.05, seed: int = 0,
-                   limit: int | None = None) -> TuneData:
+                   limit: int | None = None, bos: str = "stream") -> TuneData:
+    """Documents packed into windows of ``seq_len``; ``bos="window"`` (a family trained that way, `data.bos`)
+    opens every window with BOS and ``seq_len − 1`` tokens of the packed stream."""
     _check_len("seq_len", seq_len)
+    check_bos(bos, getattr(tokenizer, "bos_token_id", None))
     p = _existing(path)
     if p.suffix == ".txt":
         try:
@@ -207,18 +211,22 @@ def load_text_data(path, tokenizer, seq_len: int = 256, eval_size: float | int =
         stream += tokenizer(d, add_special_tokens=False)["input_ids"]
         if eos is not None:
             stream.append(eos)
-    n_win = len(stream) // seq_len
+    body = seq_len - 1 if bos == "window" else seq_len
+    head = [tokenizer.bos_token_id] if bos == "window" else []
+    n_win = len(stream) // body if body > 0 else 0
     if n_win == 0:
         raise PrunetuneError(f"{p}: {len(stream)} tokens, not enough for one window of seq_len={seq_len}")
     examples = []
     for i in range(n_win):
-        ids = stream[i * seq_len:(i + 1) * seq_len]
+        ids = head + stream[i * body:(i + 1) * body]
         examples.append({"input_ids": ids, "labels": list(ids)})
     train, held = _split(examples, eval_size, seed)
-    return TuneData(train, held, "text", str(p), 0, {"documents": len(docs), "seq_len": seq_len, "seed": seed})
+    return TuneData(train, held, "text", str(p), 0, {"documents": len(docs), "seq_len": seq_len, "seed": seed,
+                                                     "bos": bos})
 
 
-def load_tuning_data(path, tokenizer, mode: str = "auto", seq_len: int = 512, **kw) -> TuneData:
+def load_tuning_data(path, tokenizer, mode: str = "auto", seq_len: int = 512, bos: str = "stream",
+                     **kw) -> TuneData:
     """``mode``: "instruction", "text" or "auto" (.txt or jsonl whose first record has ``text`` -> text)."""
     p = _existing(path)
     if mode == "auto":
@@ -235,7 +243,7 @@ def load_tuning_data(path, tokenizer, mode: str = "auto", seq_len: int = 512, **
     if mode == "instruction":
         return load_instruction_data(p, tokenizer, cutoff_len=seq_len, **kw)
     if mode == "text":
-        return load_text_data(p, tokenizer, seq_len=seq_len, **kw)
+        return load_text_data(p, tokenizer, seq_len=seq_len, bos=bos, **kw)
     raise PrunetuneError(f"unknown data mode '{mode}' (use auto, instruction or text)")
 
 
