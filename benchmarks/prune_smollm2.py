@@ -56,7 +56,10 @@ def main():
         print(markdown(json.loads(out.read_text())))
         return
     if not (Path(a.model) / "config.json").is_file():
-        from fetch_smollm2 import fetch
+        if "gemma" in Path(a.model).name.lower():
+            from fetch_gemma3 import fetch
+        else:
+            from fetch_smollm2 import fetch
 
         fetch(Path(a.model))
     res = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
@@ -109,7 +112,7 @@ def main():
 
 #: method variants: name -> (method, method options, other prune arguments); "-owl": OWL's per-layer sparsity
 #: (default lambda 0.08, M 5); "-d0.1", "-d0.03": APT's mask search and refit dampened by 0.1 (0.03) x mean
-#: diag(H) (a ridge) instead of 0.01
+#: diag(H) (a ridge) instead of 0.01; "-calib-stream": calibration windows without the family's BOS per window
 VARIANTS = {"apt-admm": ("apt", {"select": "admm"}, {"damp": 0.01}),
             "apt-admm-d0.03": ("apt", {"select": "admm"}, {"damp": 0.03}),
             "apt-admm-d0.1": ("apt", {"select": "admm"}, {"damp": 0.1}),
@@ -117,7 +120,10 @@ VARIANTS = {"apt-admm": ("apt", {"select": "admm"}, {"damp": 0.01}),
             "apt-sparsegpt": ("apt", {"select": "sparsegpt"}, {"damp": 0.01}),
             "sparsegpt-owl": ("sparsegpt", {}, {"owl": True}),
             "apt-admm-owl": ("apt", {"select": "admm"}, {"damp": 0.01, "owl": True}),
-            "apt-sparsegpt-owl": ("apt", {"select": "sparsegpt"}, {"damp": 0.01, "owl": True})}
+            "apt-sparsegpt-owl": ("apt", {"select": "sparsegpt"}, {"damp": 0.01, "owl": True}),
+            # calibration windows drawn from the token stream as it is (no BOS per window), whatever the family
+            "sparsegpt-calib-stream": ("sparsegpt", {}, {"calib_bos": "stream"}),
+            "apt-calib-stream": ("apt", {}, {"calib_bos": "stream"})}
 
 
 def markdown(res: dict) -> str:

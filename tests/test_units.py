@@ -106,13 +106,17 @@ def _masked(orig: dict, small: dict, report: dict, cfg) -> dict:
     return sd
 
 
-@pytest.mark.parametrize("structure,ratio", [("mlp", 0.25), ("heads", 0.25), ("mlp+heads", 0.3)])
-def test_shrunk_model_equals_masked_model_and_loads_plainly(tmp_path, structure, ratio):
+@pytest.mark.parametrize("family,structure,ratio", [("llama", "mlp", 0.25), ("llama", "heads", 0.25),
+                                                    ("llama", "mlp+heads", 0.3), ("gemma3_text", "mlp+heads", 0.3),
+                                                    ("gemma2", "mlp+heads", 0.3), ("granite", "mlp+heads", 0.3)])
+def test_shrunk_model_equals_masked_model_and_loads_plainly(tmp_path, family, structure, ratio):
+    """Also for families found from the module tree and laid out like Llama (Gemma-2/3: sandwich norms, a
+    per-head q/k norm, alternating sliding-window attention)."""
     from transformers import AutoModelForCausalLM
 
     import prunetune as pt
 
-    src = save_tiny("llama", tmp_path / "src")
+    src = save_tiny(family, tmp_path / "src")
     out = tmp_path / "out"
     rep = pt.shrink(str(src), ratio=ratio, out=str(out), structure=structure, calib="tinystories", nsamples=8,
                     seqlen=64, progress=False)

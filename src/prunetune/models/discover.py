@@ -66,6 +66,36 @@ def _linears(layer: nn.Module) -> list[str]:
     return out
 
 
+#: the Llama-style names whole-unit removal needs (``structured/neurons.py``)
+_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+
+
+def _unit_layout(layer: nn.Module, config) -> tuple:
+    """``(mlp_units, head_units)`` for a layer laid out as Llama's (Gemma-2/3, Granite, ...), else Nones.
+
+    Neurons: gate/up/down projections and nothing else in the MLP, with one ``intermediate_size`` in the
+    config. Heads: q/k/v/o projections, the module's ``head_dim`` and ``num_key_value_groups``, and no other
+    weight wider than one head (a per-head q/k norm, as Gemma-3's, is shared by all heads and stays; a norm
+    over the whole projection, as OLMo-2's, would tie the heads together)."""
+    text = _text_config(config)
+    linears = {n for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    mlp = heads = None
+    if set(_MLP) <= linears and isinstance(getattr(text, "intermediate_size", None), int):
+        extra = [n for n, _ in layer.get_submodule("mlp").named_parameters()
+                 if n.split(".")[0] not in ("gate_proj", "up_proj", "down_proj")]
+        if not extra:
+            mlp = ("mlp.down_proj", ["mlp.gate_proj", "mlp.up_proj"], "intermediate_size")
+    if set(_ATTN) <= linears:
+        attn = layer.get_submodule("self_attn")
+        hd = getattr(attn, "head_dim", None)
+        wide = [n for n, p in attn.named_parameters()
+                if n.split(".")[0] not in ("q_proj", "k_proj", "v_proj", "o_proj") and p.shape[-1] != hd]
+        if isinstance(hd, int) and hasattr(attn, "num_key_value_groups") and not wide:
+            heads = ("self_attn", "self_attn.o_proj", "self_attn.q_proj", ["self_attn.k_proj", "self_attn.v_proj"])
+    return (mlp, heads) if mlp and heads else (None, None)
+
+
 class DiscoveredAdapter(ModelAdapter):
     """An adapter built from the module tree (see the module docstring)."""
 
@@ -81,6 +111,7 @@ class DiscoveredAdapter(ModelAdapter):
             raise PrunetuneError(f"the decoder layers of model type '{model.config.model_type}' hold no linear "
                                  "layer to prune")
         self._names = names
+        self.mlp_units, self.head_units = _unit_layout(layer0, model.config)
         self.embed_path = _path_of(model, model.get_input_embeddings()) or ""
         head = model.get_output_embeddings()
         self.lm_head_path = (_path_of(model, head) or "") if head is not None else ""

@@ -98,7 +98,8 @@ def geometry(config, adapter=None) -> Geometry:
     if adapter is not None and (adapter.mlp_units is None or adapter.head_units is None):
         raise PrunetuneError(f"removing MLP neurons and heads is not supported for model type "
                              f"'{config.model_type}': prunetune has no adapter saying which linears produce and read "
-                             "them (supported: llama, mistral, qwen2, qwen3)")
+                             "them (supported: llama, mistral, qwen2, qwen3 and families laid out like them, e.g. gemma2, "
+                             "gemma3)")
     try:
         nh = int(config.num_attention_heads)
         nkv = int(getattr(config, "num_key_value_heads", None) or nh)
