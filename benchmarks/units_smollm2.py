@@ -15,7 +15,9 @@ A recovery run is ``tune:BASE@STEPS[+kd]``: LoRA (rank ``--lora-r`` on every lin
 run ``BASE``, ``STEPS`` steps of ``--batch-size`` x ``--seq-len`` tokens packed from C4 validation documents
 ``--train-docs`` (not the ones calibration and evaluation read first), cosine schedule, lr ``--lr``, merged;
 ``+kd``: distilled from the dense model (``--teacher auto``, T = 1, weight 1). Checkpoints every 10 steps, so a
-killed recovery continues (``--resume``) in a later session. Results are written after every run; a run already
+killed recovery continues (``--resume``) in a later session. ``pat:RATIO@STEPS``: PAT's mask over each layer's
+MLP neurons (``tune --method pat-units``, the same LoRA, data, steps and lr, mask warm-started on the calibration
+windows) from the dense model: tune-while-pruning against prune-then-tune at equal budget. Results are written after every run; a run already
 in the file is skipped, so a killed benchmark continues where it stopped. ``--markdown`` prints the table.
 """
 
@@ -89,6 +91,32 @@ def run_tune(key: str, a, work: Path, res: dict) -> dict:
     return row
 
 
+def run_pat(key: str, a, work: Path) -> dict:
+    """``pat:RATIO@STEPS``: PAT's mask over each layer's MLP neurons (``tune --method pat-units``) from the dense
+    model, with the same LoRA, data, steps and lr as a recovery run, its mask warm-started on the same calibration
+    windows as the one-shot shrink: prune-then-tune against tune-while-pruning at equal budget."""
+    from prunetune.io import partial_dir_for
+
+    ratio, steps = key[len("pat:"):].split("@")
+    out = work / key.replace(":", "_").replace("@", "-s")
+    resume = (partial_dir_for(out.resolve())).exists()
+    t = time.time()
+    rep = pt.tune(a.dense, method="pat-units", out=str(out), data=str(c4_train_file(a.train_docs, work)),
+                  data_mode="text", max_steps=int(steps), seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr,
+                  seed=0, eval_size=16, checkpoint_every=10, ratio=float(ratio), lora_r=a.lora_r,
+                  lora_alpha=2 * a.lora_r, lora_dropout=0.05, calib=a.calib, calib_samples=a.nsamples,
+                  calib_seqlen=a.seqlen, device="cpu", progress=False, overwrite=True, resume=resume)
+    step_s = [h["step_s"] for h in rep["history"][1:]]
+    row = {"method": "pat-units", "ratio": float(ratio), "steps": rep["steps"], "lora_r": a.lora_r, "lr": a.lr,
+           "tokens_per_step": a.batch_size * a.seq_len, "train_docs": a.train_docs,
+           "first_loss": rep["first_loss"], "final_loss": rep["final_loss"],
+           "final_eval_loss": rep["final_eval_loss"], "step_s_median": sorted(step_s)[len(step_s) // 2] if step_s else None,
+           "train_wall_s": rep["manifest"].get("train_wall_s"), "wall_s_this_part": round(time.time() - t, 1),
+           "peak_rss_mb": rep["manifest"]["peak_rss_mb"], "dir": str(out)}
+    row.update(evaluate(out, a))
+    return row
+
+
 def record(out: Path, key: str, row: dict) -> dict:
     """Add one run to the result file, re-read first: several processes may share it."""
     res = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
@@ -147,8 +175,13 @@ def main():
         if key in res["runs"]:
             continue
         print(f"== {key}", flush=True)
-        row = run_tune(key, a, work, res) if key.startswith("tune:") else run_shrink(key, a, work)
-        if not a.keep and not key.startswith("tune:"):
+        if key.startswith("tune:"):
+            row = run_tune(key, a, work, res)
+        elif key.startswith("pat:"):
+            row = run_pat(key, a, work)
+        else:
+            row = run_shrink(key, a, work)
+        if not a.keep and not key.startswith(("tune:", "pat:")):
             shutil.rmtree(row["dir"], ignore_errors=True)
         res = record(out, key, row)
         print(json.dumps({k: v for k, v in res["runs"][key].items() if k in ("ppl", "parameters", "shrink_wall_s")}),

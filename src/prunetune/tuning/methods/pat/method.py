@@ -144,7 +144,9 @@ class PATMethod(TuningMethod):
     always_exports = True
     teacher_is_input = True
     cli_options = (
-        ("--ratio", "ratio", {"type": float, "help": "fraction of hidden channels removed, in (0, 1) (default 0.25)"}),
+        ("--ratio", "ratio", {"type": float, "help": "pat: fraction of hidden channels removed, in (0, 1); pat-units: "
+                                                    "share of decoder-layer weights removed as whole MLP neurons "
+                                                    "(default 0.25)"}),
         ("--hio-rank", "hio_rank", {"type": int, "help": "rank of the identity operators (default 5%% of hidden size)"}),
         ("--milestone", "milestone_frac", {"type": float, "help": "fraction of the steps after which the mask is "
                                                                  "binary (default 1/3)"}),
