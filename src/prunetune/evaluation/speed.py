@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -423,140 +424,200 @@ def bench(models: list[str], *, batch_sizes=(1, 8, 32), seq_lens=(128,), decode_
         torch.set_num_threads(old_threads)
 
 
+@dataclass
+class _Run:
+    """What one ``bench`` call measures, resolved once and read by every step."""
+
+    batch_sizes: tuple
+    seq_lens: tuple
+    decode_tokens: int
+    repeats: int
+    warmup: int
+    dtype: str
+    torch_dtype: torch.dtype
+    device: str
+    sparse_2to4: bool
+    progress: bool
+    memory_probe: bool
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def prompt_len(self) -> int:
+        return min(self.seq_lens)
+
+    @property
+    def decode_batches(self) -> list[int]:
+        return sorted({1, max(self.batch_sizes)})
+
+
 def _bench(models, batch_sizes, seq_lens, decode_tokens, repeats, warmup, dtype, torch_dtype, device, sparse_2to4,
            out, progress, memory_probe) -> dict:
+    run = _Run(batch_sizes, seq_lens, decode_tokens, repeats, warmup, dtype, torch_dtype, device, sparse_2to4,
+               progress, memory_probe)
     sync = _syncer(device)
-    cuda = device.startswith("cuda")
-    prompt_len = min(seq_lens)
-    decode_batches = sorted({1, max(batch_sizes)})
     t_start = time.time()
     with measure() as meas:
-        entries = []
-        for label, spec in zip(_labels(models), models):
-            before = _allocated(device)
-            try:
-                model, _, info = load_model(spec, dtype=dtype, device=device, tokenizer=False)
-            except torch.cuda.OutOfMemoryError:
-                raise PrunetuneError(f"model '{spec}' does not fit in the memory of {device}") from None
-            except RuntimeError as e:
-                raise PrunetuneError(f"model '{spec}' cannot run on {device}: {str(e).strip().splitlines()[0]}") from None
-            src = resolve_model(spec)
-            limit = max_positions(model.config)
-            if limit is not None and (max(seq_lens) > limit or prompt_len + decode_tokens > limit):
-                raise PrunetuneError(f"model '{spec}' allows {limit} positions; sequence length {max(seq_lens)} "
-                                     f"(or prompt {prompt_len} + {decode_tokens} new tokens) is too long")
-            kwargs, logits_note = _forward_kwargs(model)
-            entry = {
-                "label": label, "spec": spec, "model": model, "kwargs": kwargs, "variant": "dense", "base": label,
-                "info": info, "logits": logits_note,
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "size_on_disk_bytes": sum(os.path.getsize(f) for f in src.weight_files) if src.weight_files else None,
-                "sparsity": linear_sparsity(model),
-                "weights_mb": _unique_tensor_bytes(model) / 2**20,
-                "vocab": int(model.get_input_embeddings().weight.shape[0]),
-            }
-            if cuda:
-                entry["weights_mb"] = (_allocated(device) - before) / 2**20
-            entries.append(entry)
+        entries = [_load_entry(label, spec, run) for label, spec in zip(_labels(models), models)]
+        sparse_info = _add_sparse_variants(entries, run) if sparse_2to4 else {}
+        cells, inputs, vocab = _cells(entries, run)
+        times, ttft, peak_extra, failed = _time_cells(entries, cells, inputs, run, sync)
+        memory = _memory(entries, peak_extra, vocab, run)
+    prefill_rows, decode_rows = _speed_rows(entries, cells, times, ttft, run)
+    result = {"models": _model_rows(entries, memory, failed), "prefill": prefill_rows, "decode": decode_rows}
+    if sparse_2to4:
+        result["sparse_2to4"] = _sparse_summary(entries, sparse_info, failed, times, cells, decode_tokens,
+                                                batch_sizes, seq_lens, repeats, warmup, device, sync)
+    result["manifest"] = _manifest(entries, run, t_start, meas)
+    if out is not None:
+        write_json_atomic(out, result)
+    return result
 
-        sparse_info: dict = {}
-        if sparse_2to4:
-            for e in list(entries):
-                sp = e["sparsity"]
-                if sp["linears_2to4"] == 0:
-                    sparse_info[e["label"]] = {"converted": 0, "note": "no linear follows a 2:4 pattern"}
+
+def _load_entry(label: str, spec: str, run: _Run) -> dict:
+    """Load one model and record what does not need timing (size, parameters, sparsity, weight bytes)."""
+    before = _allocated(run.device)
+    try:
+        model, _, info = load_model(spec, dtype=run.dtype, device=run.device, tokenizer=False)
+    except torch.cuda.OutOfMemoryError:
+        raise PrunetuneError(f"model '{spec}' does not fit in the memory of {run.device}") from None
+    except RuntimeError as e:
+        raise PrunetuneError(f"model '{spec}' cannot run on {run.device}: {str(e).strip().splitlines()[0]}") from None
+    src = resolve_model(spec)
+    limit = max_positions(model.config)
+    if limit is not None and (max(run.seq_lens) > limit or run.prompt_len + run.decode_tokens > limit):
+        raise PrunetuneError(f"model '{spec}' allows {limit} positions; sequence length {max(run.seq_lens)} "
+                             f"(or prompt {run.prompt_len} + {run.decode_tokens} new tokens) is too long")
+    kwargs, logits_note = _forward_kwargs(model)
+    entry = {
+        "label": label, "spec": spec, "model": model, "kwargs": kwargs, "variant": "dense", "base": label,
+        "info": info, "logits": logits_note,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "size_on_disk_bytes": sum(os.path.getsize(f) for f in src.weight_files) if src.weight_files else None,
+        "sparsity": linear_sparsity(model),
+        "weights_mb": _unique_tensor_bytes(model) / 2**20,
+        "vocab": int(model.get_input_embeddings().weight.shape[0]),
+    }
+    if run.cuda:
+        entry["weights_mb"] = (_allocated(run.device) - before) / 2**20
+    return entry
+
+
+def _add_sparse_variants(entries: list[dict], run: _Run) -> dict:
+    """A copy of every 2:4 model with its 2:4 linears on the semi-structured sparse kernels, as its own entry."""
+    sparse_info: dict = {}
+    for e in list(entries):
+        sp = e["sparsity"]
+        if sp["linears_2to4"] == 0:
+            sparse_info[e["label"]] = {"converted": 0, "note": "no linear follows a 2:4 pattern"}
+            continue
+        before = _allocated(run.device)
+        try:
+            sm, converted, skipped = _sparse_copy(e["model"])
+        except torch.cuda.OutOfMemoryError:
+            sparse_info[e["label"]] = {"converted": 0, "error": "out of GPU memory copying the model"}
+            continue
+        sparse_weights_mb = (_allocated(run.device) - before) / 2**20 if run.cuda else _unique_tensor_bytes(sm) / 2**20
+        sparse_info[e["label"]] = {"converted": len(converted), "not_converted": skipped}
+        if not converted:
+            continue
+        entries.append({**e, "label": f"{e['label']} [{SPARSE_LABEL}]", "model": sm, "variant": SPARSE_LABEL,
+                        "base": e["label"], "converted": converted, "weights_mb": sparse_weights_mb})
+    return sparse_info
+
+
+def _cells(entries: list[dict], run: _Run) -> tuple[list, dict, int]:
+    """The (kind, batch, length) cells and their token ids (seeded; the same for every model)."""
+    vocab = min(e["vocab"] for e in entries)
+    gen = torch.Generator().manual_seed(0)
+    inputs, cells = {}, []
+    for sl in run.seq_lens:
+        for bs in run.batch_sizes:
+            cells.append(("prefill", bs, sl))
+            inputs[("prefill", bs, sl)] = torch.randint(3, vocab, (bs, sl), generator=gen).to(run.device)
+    for bs in run.decode_batches:
+        cells.append(("decode", bs, run.prompt_len))
+        inputs[("decode", bs, run.prompt_len)] = torch.randint(3, vocab, (bs, run.prompt_len), generator=gen).to(run.device)
+    return cells, inputs, vocab
+
+
+def _time_cells(entries, cells, inputs, run: _Run, sync):
+    """Every cell for every model, interleaved (repeat, then cell, then model), after the warm-up rounds."""
+    device = run.device
+    times: dict[tuple, list] = {(e["label"], c): [] for e in entries for c in cells}
+    ttft: dict[tuple, list] = {(e["label"], c): [] for e in entries for c in cells if c[0] == "decode"}
+    peak_extra = {e["label"]: 0.0 for e in entries}
+    failed: dict[str, str] = {}
+    bar = tqdm(total=(run.warmup + run.repeats) * len(cells) * len(entries), desc="bench", unit="run",
+               disable=not run.progress, leave=False)
+    for rep in range(run.warmup + run.repeats):
+        for cell in cells:
+            for e in entries:
+                bar.update(1)
+                if e["label"] in failed:
                     continue
-                before = _allocated(device)
+                kind, bs, sl = cell
+                if run.cuda:
+                    torch.cuda.synchronize(torch.device(device))
+                    torch.cuda.reset_peak_memory_stats(torch.device(device))
+                    base = torch.cuda.memory_allocated(torch.device(device))
                 try:
-                    sm, converted, skipped = _sparse_copy(e["model"])
+                    if kind == "prefill":
+                        t = prefill_once(e["model"], inputs[cell], e["kwargs"], sync)
+                    else:
+                        t, t_first = decode_once(e["model"], inputs[cell], run.decode_tokens, sync)
                 except torch.cuda.OutOfMemoryError:
-                    sparse_info[e["label"]] = {"converted": 0, "error": "out of GPU memory copying the model"}
+                    if e["variant"] == "dense":
+                        raise _oom_error(e["label"], f"{kind}, batch {bs} x {sl} tokens") from None
+                    failed[e["label"]] = "out of GPU memory"
                     continue
-                sparse_weights_mb = (_allocated(device) - before) / 2**20 if cuda else _unique_tensor_bytes(sm) / 2**20
-                sparse_info[e["label"]] = {"converted": len(converted), "not_converted": skipped}
-                if not converted:
+                except (RuntimeError, NotImplementedError, TypeError, ValueError) as err:
+                    if e["variant"] == "dense":
+                        raise
+                    failed[e["label"]] = (str(err).strip().splitlines() or [type(err).__name__])[0]
                     continue
-                entries.append({**e, "label": f"{e['label']} [{SPARSE_LABEL}]", "model": sm, "variant": SPARSE_LABEL,
-                                "base": e["label"], "converted": converted,
-                                "weights_mb": sparse_weights_mb})
+                if run.cuda:
+                    peak_extra[e["label"]] = max(peak_extra[e["label"]],
+                                                 (torch.cuda.max_memory_allocated(torch.device(device)) - base) / 2**20)
+                if rep >= run.warmup:
+                    times[(e["label"], cell)].append(t)
+                    if kind == "decode":
+                        ttft[(e["label"], cell)].append(t_first)
+                bar.set_postfix(model=e["label"][-24:], cell=f"{kind} {bs}x{sl}")
+    bar.close()
+    return times, ttft, peak_extra, failed
 
-        vocab = min(e["vocab"] for e in entries)
-        gen = torch.Generator().manual_seed(0)
-        inputs = {}
-        cells = []
-        for sl in seq_lens:
-            for bs in batch_sizes:
-                cells.append(("prefill", bs, sl))
-                inputs[("prefill", bs, sl)] = torch.randint(3, vocab, (bs, sl), generator=gen).to(device)
-        for bs in decode_batches:
-            cells.append(("decode", bs, prompt_len))
-            inputs[("decode", bs, prompt_len)] = torch.randint(3, vocab, (bs, prompt_len), generator=gen).to(device)
 
-        times: dict[tuple, list] = {(e["label"], c): [] for e in entries for c in cells}
-        ttft: dict[tuple, list] = {(e["label"], c): [] for e in entries for c in cells if c[0] == "decode"}
-        peak_extra = {e["label"]: 0.0 for e in entries}
-        failed: dict[str, str] = {}
-        bar = tqdm(total=(warmup + repeats) * len(cells) * len(entries), desc="bench", unit="run",
-                   disable=not progress, leave=False)
-        for rep in range(warmup + repeats):
-            for cell in cells:
-                for e in entries:
-                    bar.update(1)
-                    if e["label"] in failed:
-                        continue
-                    kind, bs, sl = cell
-                    if cuda:
-                        torch.cuda.synchronize(torch.device(device))
-                        torch.cuda.reset_peak_memory_stats(torch.device(device))
-                        base = torch.cuda.memory_allocated(torch.device(device))
-                    try:
-                        if kind == "prefill":
-                            t = prefill_once(e["model"], inputs[cell], e["kwargs"], sync)
-                        else:
-                            t, t_first = decode_once(e["model"], inputs[cell], decode_tokens, sync)
-                    except torch.cuda.OutOfMemoryError:
-                        if e["variant"] == "dense":
-                            raise _oom_error(e["label"], f"{kind}, batch {bs} x {sl} tokens") from None
-                        failed[e["label"]] = "out of GPU memory"
-                        continue
-                    except (RuntimeError, NotImplementedError, TypeError, ValueError) as err:
-                        if e["variant"] == "dense":
-                            raise
-                        failed[e["label"]] = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                        continue
-                    if cuda:
-                        peak_extra[e["label"]] = max(peak_extra[e["label"]],
-                                                     (torch.cuda.max_memory_allocated(torch.device(device)) - base) / 2**20)
-                    if rep >= warmup:
-                        times[(e["label"], cell)].append(t)
-                        if kind == "decode":
-                            ttft[(e["label"], cell)].append(t_first)
-                    bar.set_postfix(model=e["label"][-24:], cell=f"{kind} {bs}x{sl}")
-        bar.close()
+def _memory(entries, peak_extra, vocab: int, run: _Run) -> dict:
+    """Peak memory per model: the allocator's on a GPU, a fresh probe process's on a CPU (or weights only)."""
+    memory = {}
+    for e in entries:
+        if run.cuda:
+            memory[e["label"]] = {"weights_mb": round(e["weights_mb"], 1),
+                                  "peak_run_extra_mb": round(peak_extra[e["label"]], 1),
+                                  "peak_mb": round(e["weights_mb"] + peak_extra[e["label"]], 1)}
+        elif run.memory_probe and e["variant"] == "dense":
+            probe = _run_memory_probe({"spec": e["spec"], "dtype": run.dtype, "threads": torch.get_num_threads(),
+                                       "batch_size": max(run.batch_sizes), "seq_len": max(run.seq_lens),
+                                       "vocab": vocab, "decode_batch": max(run.decode_batches),
+                                       "prompt_len": run.prompt_len, "decode_tokens": run.decode_tokens})
+            memory[e["label"]] = {"weights_mb": round(e["weights_mb"], 1), **probe}
+        else:
+            memory[e["label"]] = {"weights_mb": round(e["weights_mb"], 1), "peak_mb": None,
+                                  "note": "no memory probe run (weights only)"}
+    return memory
 
-        # memory -----------------------------------------------------------------------------------
-        memory = {}
-        for e in entries:
-            if cuda:
-                memory[e["label"]] = {"weights_mb": round(e["weights_mb"], 1),
-                                      "peak_run_extra_mb": round(peak_extra[e["label"]], 1),
-                                      "peak_mb": round(e["weights_mb"] + peak_extra[e["label"]], 1)}
-            elif memory_probe and e["variant"] == "dense":
-                probe = _run_memory_probe({"spec": e["spec"], "dtype": dtype, "threads": torch.get_num_threads(),
-                                           "batch_size": max(batch_sizes), "seq_len": max(seq_lens), "vocab": vocab,
-                                           "decode_batch": max(decode_batches), "prompt_len": prompt_len,
-                                           "decode_tokens": decode_tokens})
-                memory[e["label"]] = {"weights_mb": round(e["weights_mb"], 1), **probe}
-            else:
-                memory[e["label"]] = {"weights_mb": round(e["weights_mb"], 1), "peak_mb": None,
-                                      "note": "no memory probe run (weights only)"}
 
-    # results ---------------------------------------------------------------------------------------
+def _ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def _speed_rows(entries, cells, times, ttft, run: _Run) -> tuple[list, list]:
+    """Prefill and decode rows (median and range over the repeats), each with its ratio to the first model."""
     first = entries[0]["label"]
-
-    def ratio(a, b):
-        return a / b if a is not None and b not in (None, 0) else None
-
+    decode_tokens = run.decode_tokens
     prefill_rows, decode_rows = [], []
     for cell in cells:
         kind, bs, sl = cell
@@ -585,46 +646,47 @@ def _bench(models, batch_sizes, seq_lens, decode_tokens, repeats, warmup, dtype,
             else:
                 row["ratio_to_first"] = None
             rows.append(row)
+    return prefill_rows, decode_rows
 
-    first_e = entries[0]
-    model_rows = []
+
+def _model_rows(entries, memory, failed) -> list[dict]:
+    first_e, first = entries[0], entries[0]["label"]
+    rows = []
     for e in entries:
         sp = e["sparsity"]
         mem = memory[e["label"]]
-        model_rows.append({
+        rows.append({
             "model": e["label"], "spec": e["spec"], "variant": e["variant"], "parameters": e["parameters"],
             "size_on_disk_bytes": e["size_on_disk_bytes"], "linear_sparsity": sp["sparsity"],
             "linears": sp["linears"], "linears_2to4": sp["linears_2to4"], "logits": e["logits"], "memory": mem,
             "failed": failed.get(e["label"]),
             "ratio_to_first": {
-                "parameters": ratio(e["parameters"], first_e["parameters"]),
-                "size_on_disk": ratio(e["size_on_disk_bytes"], first_e["size_on_disk_bytes"]),
-                "peak_mb": ratio(mem.get("peak_mb"), memory[first].get("peak_mb")),
+                "parameters": _ratio(e["parameters"], first_e["parameters"]),
+                "size_on_disk": _ratio(e["size_on_disk_bytes"], first_e["size_on_disk_bytes"]),
+                "peak_mb": _ratio(mem.get("peak_mb"), memory[first].get("peak_mb")),
             },
         })
+    return rows
 
-    result = {"models": model_rows, "prefill": prefill_rows, "decode": decode_rows}
-    if sparse_2to4:
-        result["sparse_2to4"] = _sparse_summary(entries, sparse_info, failed, times, cells, decode_tokens,
-                                                batch_sizes, seq_lens, repeats, warmup, device, sync)
-    result["manifest"] = {
+
+def _manifest(entries, run: _Run, t_start: float, meas) -> dict:
+    man = {
         "tool": "prunetune", "command": "bench",
         "models": [{"label": e["label"], **e["info"]} for e in entries if e["variant"] == "dense"],
-        "device": device, "device_name": _device_name(device), "torch_threads": torch.get_num_threads(),
-        "protocol": {"batch_sizes": list(batch_sizes), "seq_lens": list(seq_lens), "decode_tokens": decode_tokens,
-                     "decode_batch_sizes": decode_batches, "prompt_len": prompt_len, "repeats": repeats,
-                     "warmup": warmup, "dtype": str(torch_dtype).replace("torch.", ""), "sparse_2to4": sparse_2to4,
-                     "memory": MEMORY_TEXT["cuda" if cuda else "cpu"] if (cuda or memory_probe) else
+        "device": run.device, "device_name": _device_name(run.device), "torch_threads": torch.get_num_threads(),
+        "protocol": {"batch_sizes": list(run.batch_sizes), "seq_lens": list(run.seq_lens),
+                     "decode_tokens": run.decode_tokens, "decode_batch_sizes": run.decode_batches,
+                     "prompt_len": run.prompt_len, "repeats": run.repeats, "warmup": run.warmup,
+                     "dtype": str(run.torch_dtype).replace("torch.", ""), "sparse_2to4": run.sparse_2to4,
+                     "memory": MEMORY_TEXT["cuda" if run.cuda else "cpu"] if (run.cuda or run.memory_probe) else
                      "weights only (memory probe disabled)", **PROTOCOL_TEXT},
         "versions": versions(), "machine": machine(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)),
         **meas.as_dict(),
     }
-    if cuda:
-        result["manifest"]["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
-    if out is not None:
-        write_json_atomic(out, result)
-    return result
+    if run.cuda:
+        man["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    return man
 
 
 def _sparse_summary(entries, sparse_info, failed, times, cells, decode_tokens, batch_sizes, seq_lens, repeats,
