@@ -14,7 +14,8 @@ same windows), parameters, the wall time of the shrink.
 A recovery run is ``tune:BASE@STEPS[+kd]``: LoRA (rank ``--lora-r`` on every linear) on the kept checkpoint of
 run ``BASE``, ``STEPS`` steps of ``--batch-size`` x ``--seq-len`` tokens packed from C4 validation documents
 ``--train-docs`` (not the ones calibration and evaluation read first), cosine schedule, lr ``--lr``, merged;
-``+kd``: distilled from the dense model (``--teacher auto``, T = 1, weight 1). Checkpoints every 10 steps, so a
+``+kd``: distilled from the dense model (``--teacher auto``, T = 1, weight 1); ``+full``: full fine-tuning of
+every decoder weight (``--method full``, embeddings frozen, lr ``--full-lr``) instead of LoRA. Checkpoints every 10 steps, so a
 killed recovery continues (``--resume``) in a later session. ``pat:RATIO@STEPS``: PAT's mask over each layer's
 MLP neurons (``tune --method pat-units``, the same LoRA, data, steps and lr, mask warm-started on the calibration
 windows) from the dense model: tune-while-pruning against prune-then-tune at equal budget. Results are written after every run; a run already
@@ -68,20 +69,23 @@ def run_tune(key: str, a, work: Path, res: dict) -> dict:
     from prunetune.io import partial_dir_for
 
     spec = key[len("tune:"):]
-    kd = spec.endswith("+kd")
-    base_key, steps = (spec[:-3] if kd else spec).rsplit("@", 1)
+    kd = "+kd" in spec
+    full = "+full" in spec
+    base_key, steps = spec.replace("+kd", "").replace("+full", "").rsplit("@", 1)
     base = Path(res["runs"][base_key]["dir"])
     if not (base / "config.json").is_file():
         raise SystemExit(f"{key}: the checkpoint of '{base_key}' is gone (run it again with --keep)")
     out = work / key.replace(":", "_").replace("+", "-").replace("@", "-s")
     resume = (partial_dir_for(out.resolve())).exists()
     t = time.time()
-    rep = pt.tune(str(base), method="lora", out=str(out), merge=True, data=str(c4_train_file(a.train_docs, work)),
-                  data_mode="text", max_steps=int(steps), seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr,
-                  seed=0, eval_size=16, checkpoint_every=10, r=a.lora_r, alpha=2 * a.lora_r, device="cpu",
-                  progress=False, overwrite=True, resume=resume, **({"teacher": "auto"} if kd else {}))
+    how = dict(method="full", lr=a.full_lr) if full else dict(method="lora", lr=a.lr, r=a.lora_r, alpha=2 * a.lora_r)
+    rep = pt.tune(str(base), out=str(out), merge=True, data=str(c4_train_file(a.train_docs, work)),
+                  data_mode="text", max_steps=int(steps), seq_len=a.seq_len, batch_size=a.batch_size,
+                  seed=0, eval_size=16, checkpoint_every=10, device="cpu",
+                  progress=False, overwrite=True, resume=resume, **how, **({"teacher": "auto"} if kd else {}))
     step_s = [h["step_s"] for h in rep["history"][1:]]
-    row = {"base": base_key, "steps": rep["steps"], "distilled": kd, "lora_r": a.lora_r, "lr": a.lr,
+    row = {"base": base_key, "steps": rep["steps"], "distilled": kd, "method": how["method"],
+           "lora_r": None if full else a.lora_r, "lr": how["lr"],
            "tokens_per_step": a.batch_size * a.seq_len, "train_docs": a.train_docs,
            "first_loss": rep["first_loss"], "final_loss": rep["final_loss"],
            "final_eval_loss": rep["final_eval_loss"], "step_s_median": sorted(step_s)[len(step_s) // 2] if step_s else None,
@@ -152,6 +156,7 @@ def main():
     ap.add_argument("--train-docs", default="1000-1999", help="C4 validation documents recovery trains on (lo-hi)")
     ap.add_argument("--lora-r", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of +full (full fine-tuning) runs")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--work", default=str(ROOT / "runs" / "units"))
