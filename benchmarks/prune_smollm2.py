@@ -70,8 +70,8 @@ def main():
                             "ppl": {c: ev["perplexity"][c]["ppl"] for c in a.corpora}})
     if not rf.done("dense"):
         t = time.time()
-        rf.record("dense", {"method": "dense", "sparsity": "0", "eval_time_s": time.time() - t,
-                            "ppl": {c: r["ppl"] for c, r in ppl_all(a.model, a.corpora, a.ppl_windows).items()}})
+        ppl = {c: r["ppl"] for c, r in ppl_all(a.model, a.corpora, a.ppl_windows).items()}
+        rf.record("dense", {"method": "dense", "sparsity": "0", "ppl": ppl, "eval_time_s": time.time() - t})
     for setting in a.settings:
         for method in a.methods:
             key = f"{method}@{setting}"
