@@ -127,36 +127,10 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
             preflight(src.path)  # an unsupported model is said before any weight is read
         t_start = time.time()
         with measure() as meas:
-            streaming = src.kind == "local" and any(f.endswith(".safetensors") for f in src.weight_files)
-            if stream is not None:
-                streaming = stream and streaming
-            net = source = None
-            if streaming:
-                verify_manifest(src.path)  # a prunetune output: every file must still match its recorded hash
-                net, source = open_streaming(src.path, torch_dtype)
-                renamed = [n for n, _ in net.named_parameters() if n not in source]
-                if renamed:  # transformers converts such checkpoints (e.g. per-expert MoE tensors) while loading
-                    log.info("'%s' stores '%s' under another name: loading the whole model", src.spec, renamed[0])
-                    net = source = None
-                else:
-                    model_info = src.describe()
-                    model_info.update(model_type=net.config.model_type, dtype=str(torch_dtype).replace("torch.", ""),
-                                      loading="streamed layer by layer")
-            if net is None:
-                streaming = False
-                net, _, model_info = load_model(src.spec, dtype=dtype, device="cpu", tokenizer=False)
-                model_info["loading"] = "whole model in memory"
+            net, source, model_info, streaming = _open_model(src, stream, dtype, torch_dtype)
             tok = _load_tokenizer(src)
             adapter = get_adapter(net)
-            if units is not None:
-                from ..structured.neurons import check_plan, geometry
-
-                geometry(net.config, adapter)
-                check_plan(net.config, units)
-            for i, layer in enumerate(adapter.layers):
-                for name, lin in adapter.linears(layer).items():
-                    if spec.kind == "nm":
-                        spec.check_fits(lin.in_features, f"{adapter.layer_prefix(i)}{name}")
+            _check_targets(net, adapter, spec, units)
             limit = max_positions(net.config)
             if limit is not None and seqlen > limit:
                 log.warning("calibration seqlen %d clipped to the model's %d positions", seqlen, limit)
@@ -173,7 +147,7 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                 "dtype": str(torch_dtype).replace("torch.", ""), "prunetune": versions()["prunetune"],
                 "compute_dtype": str(run_dtype).replace("torch.", ""),
             }
-            if units is not None:
+            if units is not None:  # what decides a unit shrink (the fingerprint of its resume)
                 protocol.update(sparsity=None, sparsity_semantics=None, damp=units.damp, blocksize=None,
                                 units=units.describe())
             fingerprint = _fingerprint(protocol)
@@ -272,17 +246,8 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
                 report["storage"] = storage
                 report["activation_cache"] = cache.describe()
                 command = "prune" if units is None else "shrink"
-                report["manifest"] = {"tool": "prunetune", "command": command, **protocol, "versions": versions(),
-                                      "machine": machine(), "device": device,
-                                      "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)),
-                                      "resumed_from_layer": start_layer if resume else None,
-                                      "layer_wall_time_s": layer_times}
-                if earlier:  # the killed parts before this one, each up to its last finished layer
-                    report["manifest"]["earlier_parts"] = earlier
-                report["manifest"].update(wall_time_s=round(time.time() - t_start, 3),
-                                          peak_rss_mb=round(peak_rss_mb(), 1))
-                if str(device).startswith("cuda"):  # the allocator's peak since measure() reset it
-                    report["manifest"]["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                report["manifest"] = _run_manifest(command, protocol, device, t_start,
+                                                   start_layer if resume else None, layer_times, earlier)
                 if eval_corpora:
                     report["eval"] = _eval_pair(src.spec, tmp, eval_corpora, eval_seqlen, eval_max_windows, dtype,
                                                 device)
@@ -299,6 +264,56 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
         if units is None:
             report["summary_table"] = summary_table(report)
         return report
+
+
+def _run_manifest(command, protocol, device, t_start, resumed_from, layer_times, earlier) -> dict:
+    """What the run was (its protocol) and what it cost: per-layer times, the killed parts before a resume, wall
+    time and peak memory up to now (the caller adds the evaluation's share at the very end)."""
+    man = {"tool": "prunetune", "command": command, **protocol, "versions": versions(), "machine": machine(),
+           "device": device, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)),
+           "resumed_from_layer": resumed_from, "layer_wall_time_s": layer_times}
+    if earlier:  # the killed parts before this one, each up to its last finished layer
+        man["earlier_parts"] = earlier
+    man.update(wall_time_s=round(time.time() - t_start, 3), peak_rss_mb=round(peak_rss_mb(), 1))
+    if str(device).startswith("cuda"):  # the allocator's peak since measure() reset it
+        man["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return man
+
+
+def _open_model(src, stream: bool | None, dtype: str, torch_dtype):
+    """``(model, source, model info, streaming)``: a local safetensors checkpoint as a skeleton whose layers are
+    read one at a time (``source``), anything else loaded whole (``source`` None)."""
+    streaming = src.kind == "local" and any(f.endswith(".safetensors") for f in src.weight_files)
+    if stream is not None:
+        streaming = stream and streaming
+    if streaming:
+        verify_manifest(src.path)  # a prunetune output: every file must still match its recorded hash
+        net, source = open_streaming(src.path, torch_dtype)
+        renamed = [n for n, _ in net.named_parameters() if n not in source]
+        if not renamed:
+            model_info = src.describe()
+            model_info.update(model_type=net.config.model_type, dtype=str(torch_dtype).replace("torch.", ""),
+                              loading="streamed layer by layer")
+            return net, source, model_info, True
+        # transformers converts such checkpoints (e.g. per-expert MoE tensors) while loading
+        log.info("'%s' stores '%s' under another name: loading the whole model", src.spec, renamed[0])
+    net, _, model_info = load_model(src.spec, dtype=dtype, device="cpu", tokenizer=False)
+    model_info["loading"] = "whole model in memory"
+    return net, None, model_info, False
+
+
+def _check_targets(net, adapter, spec, units) -> None:
+    """Refuse, before any calibration, a unit plan the model cannot take or an N:M pattern a linear cannot."""
+    if units is not None:
+        from ..structured.neurons import check_plan, geometry
+
+        geometry(net.config, adapter)
+        check_plan(net.config, units)
+        return
+    if spec.kind == "nm":
+        for i, layer in enumerate(adapter.layers):
+            for name, lin in adapter.linears(layer).items():
+                spec.check_fits(lin.in_features, f"{adapter.layer_prefix(i)}{name}")
 
 
 def _load_outside_layers(net, adapter, source, device, dtype) -> None:
