@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import PrunetuneError
+from .errors import PrunetuneError, writing
 
 FORMAT = "sparse-bitmask"
 PARAMS = ("shape", "compressed", "bitmask", "row_offsets")
@@ -227,7 +227,8 @@ _VIEWS: dict[tuple, Path] = {}
 
 
 def dense_view(directory: str | Path) -> Path:
-    """A temporary dense copy of a compressed checkpoint, made once per process and removed at exit."""
+    """A temporary dense copy of a compressed checkpoint (in ``$TMPDIR``, as large as the dense model), made once
+    per process and removed at exit."""
     d = Path(directory).resolve()
     key = (str(d), tuple((f.name, f.stat().st_mtime_ns) for f in _shards(d)))
     if key in _VIEWS and _VIEWS[key].is_dir():
@@ -235,7 +236,8 @@ def dense_view(directory: str | Path) -> Path:
     view = Path(tempfile.mkdtemp(prefix="prunetune-dense-"))
     atexit.register(shutil.rmtree, view, True)
     try:
-        decompress_checkpoint(d, view)
+        with writing(view):  # a full temporary folder is one line naming it, not a traceback
+            decompress_checkpoint(d, view)
     except BaseException:
         shutil.rmtree(view, ignore_errors=True)
         raise
