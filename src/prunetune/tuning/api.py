@@ -167,7 +167,8 @@ def tune(model=None, *, method: str, data, out, merge: bool = False, teacher: st
          resume: bool = False, progress: bool = True, save_format: str = "dense", **options) -> dict:
     """Fine-tune ``model`` with ``method`` on ``data`` and write adapters (+ a plain checkpoint) to ``out``.
 
-    ``method``: a registered tuning method (``spp``, ``lora``, ``lora-masked``, ``dora``, ``pat``; see
+    ``method``: a registered tuning method (``spp``, ``lora``, ``lora-masked``, ``dora``, ``full``, ``pat``,
+    ``pat-units``; see
     ``available()``). ``options``: the training options (``lr`` — default the method's —, ``max_steps``,
     ``epochs`` (1), ``batch_size`` (8), ``grad_accum``, ``warmup``, ``schedule``, ``weight_decay``, ``seed``,
     ``eval_every``, ``checkpoint_every`` (100)) and the method's own (e.g. ``ratio`` for PAT, ``groups`` for
@@ -178,8 +179,8 @@ def tune(model=None, *, method: str, data, out, merge: bool = False, teacher: st
     ``calib`` / ``calib_samples`` / ``calib_seqlen``: the windows methods look at before training (PAT's
     rotation and mask warm start): a corpus, or None for the first training examples. ``merge``: also export
     the merged checkpoint. ``resume``: continue the interrupted run of the same settings into ``out``.
-    ``save_format="compressed"``: the merged checkpoint of a method that keeps the zeros (SPP) is stored in the
-    sparse-bitmask layout (`prunetune.sparse_storage`).
+    ``save_format="compressed"``: the merged checkpoint of a method that keeps the zeros (spp, lora-masked) is
+    stored in the sparse-bitmask layout (`prunetune.sparse_storage`).
 
     Returns the report written to ``out/tune_report.json`` (plus ``out``)."""
     from ..devices import resolve_device as _device
@@ -242,8 +243,8 @@ def _prepare_job(tm, src, data_path, data_mode, seq_len, eval_size, max_records,
     job.model_info["path"] = src.location()
     job.model_info["fingerprint"] = model_fingerprint(job.net)
     job.bos = family_bos(job.net.config.model_type)
-    job.data = load_tuning_data(data_path, job.tok, mode=data_mode, seq_len=int(seq_len), bos=job.bos, eval_size=eval_size,
-                                seed=seed, limit=max_records)
+    job.data = load_tuning_data(data_path, job.tok, mode=data_mode, seq_len=int(seq_len), bos=job.bos,
+                                eval_size=eval_size, seed=seed, limit=max_records)
     job.warnings = list(tm.check(job.net))
     job.sparsity_before = _sparsity(job.net)
     job.export = bool(merge or tm.always_exports)
