@@ -80,8 +80,10 @@ def main():
             d = Path(a.work) / key.replace(":", "of").replace("@", "-")
             ns = a.magnitude_nsamples if method == "magnitude" else a.nsamples
             name, opts, extra = VARIANTS.get(method, (method, {}, {}))
+            resume = (d.parent / f".{d.name}.partial").is_dir()  # a prune killed after a finished layer goes on
             rep = pt.prune(a.model, method=name, sparsity=setting, out=d, calib=a.calib, nsamples=ns,
-                           seqlen=a.seqlen, seed=0, overwrite=True, device="cpu", method_opts=opts or None, **extra)
+                           seqlen=a.seqlen, seed=0, overwrite=True, device="cpu", method_opts=opts or None,
+                           resume=resume, **extra)
             t = time.time()
             ppl = {c: r["ppl"] for c, r in ppl_all(d, a.corpora, a.ppl_windows).items()}
             row = rf.record(key, {"method": method, "sparsity": setting, "ppl": ppl, "calibration_samples": ns,
