@@ -39,7 +39,7 @@ def default_models(work: Path) -> dict[str, str]:
 
 def ensure_pruned(label: str, path: Path, dense: str) -> None:
     if label in PRUNED and not (path / "config.json").is_file():
-        resume = (path.parent / f".{path.name}.partial").is_dir()  # a prune killed after a finished layer goes on
+        resume = (path.parent / f".{path.name}.partial" / "resume" / "journal.json").is_file()  # killed: go on
         pt.prune(dense, method="apt", sparsity=PRUNED[label], out=str(path), calib="c4", nsamples=32, seqlen=512,
                  seed=0, device="cpu", overwrite=True, progress=False, resume=resume)
 
