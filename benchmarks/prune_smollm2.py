@@ -80,7 +80,8 @@ def main():
             d = Path(a.work) / key.replace(":", "of").replace("@", "-")
             ns = a.magnitude_nsamples if method == "magnitude" else a.nsamples
             name, opts, extra = VARIANTS.get(method, (method, {}, {}))
-            resume = (d.parent / f".{d.name}.partial" / "resume" / "journal.json").is_file()  # killed after a layer: go on
+            # a prune killed after a finished layer goes on from there
+            resume = (d.parent / f".{d.name}.partial" / "resume" / "journal.json").is_file()
             rep = pt.prune(a.model, method=name, sparsity=setting, out=d, calib=a.calib, nsamples=ns,
                            seqlen=a.seqlen, seed=0, overwrite=True, device="cpu", method_opts=opts or None,
                            resume=resume, **extra)
