@@ -82,16 +82,8 @@ def run_tune(key: str, a, work: Path, res: dict) -> dict:
                   data_mode="text", max_steps=int(steps), seq_len=a.seq_len, batch_size=a.batch_size,
                   seed=0, eval_size=16, checkpoint_every=10, device="cpu",
                   progress=False, overwrite=True, resume=resume, **how, **({"teacher": "auto"} if kd else {}))
-    step_s = [h["step_s"] for h in rep["history"][1:]]
-    row = {"base": base_key, "steps": rep["steps"], "distilled": kd, "method": how["method"],
-           "lora_r": None if full else a.lora_r, "lr": how["lr"],
-           "tokens_per_step": a.batch_size * a.seq_len, "train_docs": a.train_docs,
-           "first_loss": rep["first_loss"], "final_loss": rep["final_loss"],
-           "final_eval_loss": rep["final_eval_loss"], "step_s_median": sorted(step_s)[len(step_s) // 2] if step_s else None,
-           "train_wall_s": rep["manifest"].get("train_wall_s"), "wall_s_this_part": round(time.time() - t, 1),
-           "peak_rss_mb": rep["manifest"]["peak_rss_mb"], "dir": str(out)}
-    row.update(evaluate(out, a))
-    return row
+    return {"base": base_key, "distilled": kd, "method": how["method"], "lora_r": None if full else a.lora_r,
+            "lr": how["lr"], **_trained_row(rep, a, t, out)}
 
 
 def run_pat(key: str, a, work: Path) -> dict:
@@ -109,9 +101,14 @@ def run_pat(key: str, a, work: Path) -> dict:
                   seed=0, eval_size=16, checkpoint_every=10, ratio=float(ratio), lora_r=a.lora_r,
                   lora_alpha=2 * a.lora_r, lora_dropout=0.05, calib=a.calib, calib_samples=a.nsamples,
                   calib_seqlen=a.seqlen, device="cpu", progress=False, overwrite=True, resume=resume)
+    return {"method": "pat-units", "ratio": float(ratio), "lora_r": a.lora_r, "lr": a.lr,
+            **_trained_row(rep, a, t, out)}
+
+
+def _trained_row(rep: dict, a, t: float, out: Path) -> dict:
+    """What every training run records: steps, losses, time, memory, and the evaluation of its output."""
     step_s = [h["step_s"] for h in rep["history"][1:]]
-    row = {"method": "pat-units", "ratio": float(ratio), "steps": rep["steps"], "lora_r": a.lora_r, "lr": a.lr,
-           "tokens_per_step": a.batch_size * a.seq_len, "train_docs": a.train_docs,
+    row = {"steps": rep["steps"], "tokens_per_step": a.batch_size * a.seq_len, "train_docs": a.train_docs,
            "first_loss": rep["first_loss"], "final_loss": rep["final_loss"],
            "final_eval_loss": rep["final_eval_loss"], "step_s_median": sorted(step_s)[len(step_s) // 2] if step_s else None,
            "train_wall_s": rep["manifest"].get("train_wall_s"), "wall_s_this_part": round(time.time() - t, 1),

