@@ -231,6 +231,130 @@ class _Runner:
         self.global_bs = config.batch_size * config.grad_accum * self.world
         self.steps_per_epoch = len(data.train) // self.global_bs
 
+    def optimise(self, params, distill, fingerprint: str, parts: dict) -> None:
+        """AdamW over ``params`` and the schedule over the run's total steps."""
+        cfg = self.cfg
+        self.params, self.distill, self.fingerprint, self.parts = params, distill, fingerprint, parts
+        self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg.schedule, cfg.warmup, self.total))
+
+    def restore(self, ckpt: Path, state: dict) -> tuple[int, list]:
+        """Optimiser, schedule and this process's RNG from ``ckpt``; returns (steps done, history)."""
+        self.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.acc.device, weights_only=False))
+        self.sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+        rng_file = ckpt / f"rng-{self.rank}.pt"
+        if rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            log.warning("checkpoint has no RNG state for process %d; continuing with a fresh seed", self.rank)
+        log.info("resuming from %s (step %d of %d)", ckpt, state["step"], self.total)
+        return state["step"], state["history"]
+
+    def step(self, step: int) -> dict:
+        """One optimiser step (every micro-batch of this process, DDP-synced on the last); its history record."""
+        from .data import collate
+
+        acc, method, t0 = self.acc, self.method, time.perf_counter()
+        unwrapped = acc.unwrap_model(self.model)
+        method.on_step_begin(unwrapped, step, self.total)
+        batch = self.global_batch(step)
+        n_label = _label_tokens(batch)
+        n_tokens = sum(len(e["input_ids"]) for e in batch)
+        micro = self.my_micro_batches(batch)
+        nll_local = torch.zeros((), dtype=torch.float64, device=acc.device)
+        kd_local = torch.zeros((), dtype=torch.float64, device=acc.device)
+        extra_logs: dict = {}
+        for a, mb in enumerate(micro):
+            b = {k: v.to(acc.device) for k, v in collate(mb, self.pad_id).items()}
+            last = a == len(micro) - 1
+            with acc.no_sync(self.model) if not last else _nullcontext():
+                lsum, nll, kd = _forward_loss(self.model, unwrapped, b, self.distill, acc.autocast)
+                loss = lsum * (self.world / max(1, n_label))
+                if last:
+                    extra, extra_logs = method.extra_loss(unwrapped, step, self.total)
+                    if extra is not None:
+                        loss = loss + extra
+                acc.backward(loss)
+            nll_local += nll
+            kd_local += kd
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        method.on_step_end(unwrapped, step + 1, self.total)
+        nll_all = acc.reduce(nll_local, "sum")
+        dt = time.perf_counter() - t0
+        rec = {"step": step + 1, "loss": float(nll_all) / max(1, n_label), "lr": lr, "tokens_per_s": n_tokens / dt,
+               "step_s": dt}
+        if self.distill is not None:
+            rec["kd"] = float(acc.reduce(kd_local, "sum")) / max(1, n_label)
+        rec.update({k: float(v) for k, v in (extra_logs or {}).items()})
+        return rec
+
+    def run(self, start: int, history: list) -> tuple[list, float | None, bool]:
+        """Steps ``start .. total`` with evaluation, progress and checkpoints: ``(history, eval loss, stopped)``."""
+        from tqdm.auto import tqdm
+
+        cfg, data = self.cfg, self.data
+        bar = tqdm(total=self.total, initial=start, disable=not (self.acc.is_main_process and cfg.progress),
+                   desc=f"tune {self.method.name}", dynamic_ncols=True)
+        stopped = False
+        eval_loss = None
+        for step in range(start, self.total):
+            rec = self.step(step)
+            done = step + 1
+            if cfg.eval_every is not None and data.eval and (
+                (cfg.eval_every and done % cfg.eval_every == 0) or done == self.total
+            ):
+                eval_loss = self.evaluate()
+                rec["eval_loss"] = eval_loss
+            history.append(rec)
+            if self.acc.is_main_process and cfg.progress:
+                post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
+                post.update({k: f"{v:.4g}" for k, v in rec.items()
+                             if k not in ("step", "loss", "tokens_per_s", "lr", "step_s")})
+                bar.set_postfix(post, refresh=False)
+            bar.update(1)
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < self.total:
+                self.save_checkpoint(done, history)
+            if cfg.stop_at_step is not None and done >= cfg.stop_at_step and done < self.total:
+                stopped = True
+                break
+        bar.close()
+        return history, eval_loss, stopped
+
+    def save_checkpoint(self, step: int, history: list) -> None:
+        """Adapters, optimiser, schedule, every process's RNG, step and history: written to a temporary folder,
+        then renamed, so a killed save leaves the previous checkpoint intact."""
+        acc = self.acc
+        ck = self.out_dir / "checkpoints"
+        tmp = ck / f".tmp-step-{step:06d}"
+        final = ck / f"step-{step:06d}"
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        _save(_rng_state(), tmp / f"rng-{self.rank}.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.method.save_adapters(acc.unwrap_model(self.model), tmp / "adapters")
+            _save(self.opt.state_dict(), tmp / "optimizer.pt")
+            _save(self.sched.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps(
+                {"step": step, "total_steps": self.total, "fingerprint": self.fingerprint,
+                 "fingerprint_parts": self.parts, "history": history}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in _checkpoints(self.out_dir)[:-max(1, self.cfg.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
     def global_batch(self, step: int) -> list[dict]:
         epoch, k = divmod(step, self.steps_per_epoch)
         g = torch.Generator().manual_seed(self.cfg.seed + epoch)
@@ -267,6 +391,65 @@ class _Runner:
         return float(tot[0] / tot[1]) if tot[1] > 0 else None
 
 
+def _accelerator(cfg: TrainConfig, method):
+    """The ``accelerate`` Accelerator for ``cfg.device`` / ``cfg.bf16`` (bf16 autocast only on a CUDA GPU)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise PrunetuneError("device 'cuda' is not available on this machine (no CUDA GPU)")
+    bf16 = cfg.bf16
+    if bf16 == "auto":
+        bf16 = (not use_cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return Accelerator(cpu=use_cpu, mixed_precision="bf16" if bf16 else "no",
+                       kwargs_handlers=[DistributedDataParallelKwargs(
+                           find_unused_parameters=bool(method.find_unused_parameters))])
+
+
+def _check_data(data, cfg: TrainConfig, world: int) -> int:
+    """The global batch size, once the training set is known to hold at least one."""
+    if not data.train:
+        raise PrunetuneError("the training set is empty")
+    global_bs = cfg.batch_size * cfg.grad_accum * world
+    if len(data.train) < global_bs:
+        raise PrunetuneError(
+            f"training set has {len(data.train)} examples, fewer than one global batch of {global_bs} "
+            f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes)"
+        )
+    return global_bs
+
+
+def _fingerprint(model, method, data, cfg: TrainConfig, distill) -> tuple[str, dict]:
+    """The run's fingerprint and its parts (train config, method, base model, data, teacher)."""
+    parts = {
+        "train": _hash({k: v for k, v in asdict(cfg).items() if k not in _NON_SEMANTIC}),
+        "method": _hash(method.fingerprint()),
+        "model": model_fingerprint(model),
+        "data": data.fingerprint() if hasattr(data, "fingerprint") else _hash([data.train, data.eval]),
+    }
+    if distill is not None:
+        parts["distill"] = _hash(distill.describe())
+    return _hash(parts), parts
+
+
+def _resume_point(out_dir: Path, resume: bool, fingerprint: str, parts: dict) -> tuple[Path | None, dict | None]:
+    """``(checkpoint, its state)`` to continue from, or ``(None, None)``; refuses a foreign or unasked resume."""
+    ckpts = _checkpoints(out_dir)
+    if ckpts and not resume:
+        raise PrunetuneError(f"{out_dir} already holds checkpoints of a run; resume it or choose an empty directory")
+    if not (resume and ckpts):
+        return None, None
+    state = json.loads((ckpts[-1] / "state.json").read_text())
+    if state.get("fingerprint") != fingerprint:
+        differ = [k for k in parts if state.get("fingerprint_parts", {}).get(k) != parts[k]]
+        raise PrunetuneError(
+            f"cannot resume from {ckpts[-1]}: it belongs to a different run "
+            f"(differs in: {', '.join(differ) or 'fingerprint'})"
+        )
+    return ckpts[-1], state
+
+
 def train(model: nn.Module, tokenizer, method: TuningMethod, data, config: TrainConfig | None = None,
           out_dir=None, resume: bool = False, distill: Distillation | None = None) -> dict:
     """Fine-tune ``model`` with ``method`` on ``data`` (a ``TuneData``), distilling from ``distill.teacher``
@@ -276,67 +459,21 @@ def train(model: nn.Module, tokenizer, method: TuningMethod, data, config: Train
     "steps", "total_steps", "eval_loss", "fingerprint", "stopped", "wall_s", "model"}`` where ``model`` is
     the trained (unwrapped, not merged) model.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-    from tqdm.auto import tqdm
-
-    from .data import collate
-
     cfg = config or TrainConfig()
     if out_dir is None:
         raise PrunetuneError("train() needs an output directory")
     out_dir = Path(out_dir)
-
-    use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise PrunetuneError("device 'cuda' is not available on this machine (no CUDA GPU)")
-    bf16 = cfg.bf16
-    if bf16 == "auto":
-        bf16 = (not use_cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    acc = Accelerator(cpu=use_cpu, mixed_precision="bf16" if bf16 else "no",
-                      kwargs_handlers=[DistributedDataParallelKwargs(
-                          find_unused_parameters=bool(method.find_unused_parameters))])
-    is_main = acc.is_main_process
-
-    if not data.train:
-        raise PrunetuneError("the training set is empty")
-    world = acc.num_processes
-    global_bs = cfg.batch_size * cfg.grad_accum * world
-    if len(data.train) < global_bs:
-        raise PrunetuneError(
-            f"training set has {len(data.train)} examples, fewer than one global batch of {global_bs} "
-            f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes)"
-        )
-
-    parts = {
-        "train": _hash({k: v for k, v in asdict(cfg).items() if k not in _NON_SEMANTIC}),
-        "method": _hash(method.fingerprint()),
-        "model": model_fingerprint(model),
-        "data": data.fingerprint() if hasattr(data, "fingerprint") else _hash([data.train, data.eval]),
-    }
-    if distill is not None:
-        parts["distill"] = _hash(distill.describe())
-    fingerprint = _hash(parts)
-
-    ckpts = _checkpoints(out_dir)
-    if ckpts and not resume:
-        raise PrunetuneError(f"{out_dir} already holds checkpoints of a run; resume it or choose an empty directory")
-    state = None
-    if resume and ckpts:
-        state = json.loads((ckpts[-1] / "state.json").read_text())
-        if state.get("fingerprint") != fingerprint:
-            differ = [k for k in parts if state.get("fingerprint_parts", {}).get(k) != parts[k]]
-            raise PrunetuneError(
-                f"cannot resume from {ckpts[-1]}: it belongs to a different run "
-                f"(differs in: {', '.join(differ) or 'fingerprint'})"
-            )
+    acc = _accelerator(cfg, method)
+    global_bs = _check_data(data, cfg, acc.num_processes)
+    fingerprint, parts = _fingerprint(model, method, data, cfg, distill)
+    ckpt, state = _resume_point(out_dir, resume, fingerprint, parts)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = method.prepare(model)
     model.train()
-    if state is not None:
-        method.load_adapters(model, ckpts[-1] / "adapters")
+    if ckpt is not None:
+        method.load_adapters(model, ckpt / "adapters")
     params = method.trainable_parameters(model)
     if not params:
         raise PrunetuneError(f"method '{method.name}' left no trainable parameter")
@@ -347,125 +484,27 @@ def train(model: nn.Module, tokenizer, method: TuningMethod, data, config: Train
     model = acc.prepare(model)
     if distill is not None:
         distill.teacher.to(acc.device)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
     runner = _Runner(acc, model, method, data, cfg, out_dir, tokenizer.pad_token_id
                      if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * runner.steps_per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.schedule, cfg.warmup, total))
+    runner.optimise(params, distill, fingerprint, parts)
 
     torch.manual_seed(cfg.seed + acc.process_index)
     random.seed(cfg.seed + acc.process_index)
     start, history = 0, []
-    if state is not None:
-        d = ckpts[-1]
-        opt.load_state_dict(torch.load(d / "optimizer.pt", map_location=acc.device, weights_only=False))
-        sched.load_state_dict(torch.load(d / "scheduler.pt", weights_only=False))
-        rng_file = d / f"rng-{acc.process_index}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
-        else:
-            log.warning("checkpoint has no RNG state for process %d; continuing with a fresh seed", acc.process_index)
-        start, history = state["step"], state["history"]
-        log.info("resuming from %s (step %d of %d)", d, start, total)
+    if ckpt is not None:
+        start, history = runner.restore(ckpt, state)
 
-    def save_checkpoint(step: int) -> None:
-        ck = out_dir / "checkpoints"
-        tmp = ck / f".tmp-step-{step:06d}"
-        final = ck / f"step-{step:06d}"
-        acc.wait_for_everyone()
-        if is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        _save(_rng_state(), tmp / f"rng-{acc.process_index}.pt")
-        acc.wait_for_everyone()
-        if is_main:
-            method.save_adapters(acc.unwrap_model(model), tmp / "adapters")
-            _save(opt.state_dict(), tmp / "optimizer.pt")
-            _save(sched.state_dict(), tmp / "scheduler.pt")
-            (tmp / "state.json").write_text(json.dumps(
-                {"step": step, "total_steps": total, "fingerprint": fingerprint, "fingerprint_parts": parts,
-                 "history": history}, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in _checkpoints(out_dir)[:-max(1, cfg.keep_checkpoints)]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-
-    bar = tqdm(total=total, initial=start, disable=not (is_main and cfg.progress), desc=f"tune {method.name}",
-               dynamic_ncols=True)
     t_start = time.perf_counter()
-    stopped = False
-    eval_loss = None
-    for step in range(start, total):
-        t0 = time.perf_counter()
-        unwrapped = acc.unwrap_model(model)
-        method.on_step_begin(unwrapped, step, total)
-        batch = runner.global_batch(step)
-        n_label = _label_tokens(batch)
-        n_tokens = sum(len(e["input_ids"]) for e in batch)
-        micro = runner.my_micro_batches(batch)
-        nll_local = torch.zeros((), dtype=torch.float64, device=acc.device)
-        kd_local = torch.zeros((), dtype=torch.float64, device=acc.device)
-        extra_logs: dict = {}
-        for a, mb in enumerate(micro):
-            b = {k: v.to(acc.device) for k, v in collate(mb, runner.pad_id).items()}
-            last = a == len(micro) - 1
-            ctx = acc.no_sync(model) if not last else _nullcontext()
-            with ctx:
-                lsum, nll, kd = _forward_loss(model, unwrapped, b, distill, acc.autocast)
-                loss = lsum * (world / max(1, n_label))
-                if last:
-                    extra, extra_logs = method.extra_loss(unwrapped, step, total)
-                    if extra is not None:
-                        loss = loss + extra
-                acc.backward(loss)
-            nll_local += nll
-            kd_local += kd
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        method.on_step_end(unwrapped, step + 1, total)
-        nll_all = acc.reduce(nll_local, "sum")
-        dt = time.perf_counter() - t0
-        rec = {"step": step + 1, "loss": float(nll_all) / max(1, n_label), "lr": lr, "tokens_per_s": n_tokens / dt,
-               "step_s": dt}
-        if distill is not None:
-            rec["kd"] = float(acc.reduce(kd_local, "sum")) / max(1, n_label)
-        rec.update({k: float(v) for k, v in (extra_logs or {}).items()})
-        done = step + 1
-        if cfg.eval_every is not None and data.eval and (
-            (cfg.eval_every and done % cfg.eval_every == 0) or done == total
-        ):
-            eval_loss = runner.evaluate()
-            rec["eval_loss"] = eval_loss
-        history.append(rec)
-        if is_main and cfg.progress:
-            post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
-            post.update({k: f"{v:.4g}" for k, v in rec.items() if k not in ("step", "loss", "tokens_per_s", "lr", "step_s")})
-            bar.set_postfix(post, refresh=False)
-        bar.update(1)
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total:
-            save_checkpoint(done)
-        if cfg.stop_at_step is not None and done >= cfg.stop_at_step and done < total:
-            stopped = True
-            break
-    bar.close()
+    history, eval_loss, stopped = runner.run(start, history)
 
     final_model = acc.unwrap_model(model)
     final_model.eval()
-    result = {"history": history, "steps": history[-1]["step"] if history else start, "total_steps": total,
+    result = {"history": history, "steps": history[-1]["step"] if history else start, "total_steps": runner.total,
               "eval_loss": eval_loss, "fingerprint": fingerprint, "stopped": stopped,
-              "wall_s": time.perf_counter() - t_start, "world_size": world, "global_batch": global_bs,
+              "wall_s": time.perf_counter() - t_start, "world_size": acc.num_processes, "global_batch": global_bs,
               "trainable_parameters": sum(p.numel() for p in params)}
     acc.wait_for_everyone()
-    if is_main and not stopped:
+    if acc.is_main_process and not stopped:
         out_dir.mkdir(parents=True, exist_ok=True)
         method.save_adapters(final_model, out_dir / "adapters")
         (out_dir / "train_log.json").write_text(json.dumps(result, indent=1))
