@@ -7,7 +7,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -81,7 +81,74 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
     (`prunetune.sparse_storage`: 0.53x their dense bytes at 50% in float32); every prunetune command reads it,
     ``prunetune convert`` turns it back into the dense checkpoint serving engines load. Default ``dense``.
     """
-    from ..devices import resolve_device as _device
+    job = _resolve_job(model, method=method, sparsity=sparsity, out=out, nsamples=nsamples, seqlen=seqlen,
+                       damp=damp, blocksize=blocksize, owl=owl, method_opts=method_opts, device=device,
+                       dtype=dtype, compute_dtype=compute_dtype, cache_budget=cache_budget, resume=resume,
+                       overwrite=overwrite, units=units, save_format=save_format)
+    with run_lock(job.out):  # held until the run ends: a second run into the same --out refuses to start
+        if not resume and job.partial.exists():
+            log.info("removing the leftovers of an earlier interrupted run: %s", job.partial)
+            shutil.rmtree(job.partial)
+        if job.src.kind == "local":
+            preflight(job.src.path)  # an unsupported model is said before any weight is read
+        run = _Run(job, time.time())
+        with measure() as meas:
+            run.open(stream, dtype)
+            run.calibrate(calib, nsamples, seqlen, seed, batch_size, calib_bos, dict(
+                blocksize=blocksize, true_sequential=true_sequential,
+                owl={"lambda": owl_lambda, "m": owl_m} if owl else None, method_opts=method_opts or {}))
+            run.load_outside_layers()
+            # kept after a crash, a kill or a full disk once a finished layer can be resumed
+            resumable = lambda tmp: (tmp / RESUME / JOURNAL).is_file()  # noqa: E731
+            with atomic_output_dir(job.out, overwrite=overwrite, keep_partial=resumable) as tmp:
+                run.prune_layers(tmp, DriverConfig(
+                    method=job.method, spec=job.spec, damp=job.damp, blocksize=blocksize,
+                    true_sequential=true_sequential, method_opts=dict(method_opts or {}),
+                    compute_dtype=None if job.run_dtype == job.torch_dtype else job.run_dtype),
+                    owl=(owl_lambda, owl_m) if owl else None, progress=progress)
+                report = run.write(tmp)
+                if eval_corpora:
+                    report["eval"] = _eval_pair(job.src.spec, tmp, eval_corpora, eval_seqlen, eval_max_windows,
+                                                dtype, job.device)
+                report = run.write_report(tmp, report)
+        # wall time and peak memory of the whole job, including the evaluation
+        report["manifest"].update(meas.as_dict())
+        if units is None:
+            report["summary_table"] = summary_table(report)
+        return report
+
+
+@dataclass
+class PruneJob:
+    """What a prune (or unit shrink) was asked to do, checked and resolved once: the flows read only this."""
+
+    src: object             # io.ModelSource
+    out: Path
+    partial: Path           # the working folder beside ``out``
+    method: object          # a registered PruneMethod, or a structured.neurons.UnitPlan
+    spec: object            # SparsitySpec (the UnitPlan for a shrink)
+    damp: float
+    device: str
+    torch_dtype: torch.dtype
+    run_dtype: torch.dtype  # what each layer runs in while it is pruned
+    budget_mb: float
+    resume: bool
+    units: object = None
+    save_format: str = "dense"
+
+    @property
+    def command(self) -> str:
+        return "prune" if self.units is None else "shrink"
+
+    @property
+    def journal(self) -> Path:
+        return self.partial / RESUME / JOURNAL
+
+
+def _resolve_job(model, *, method, sparsity, out, nsamples, seqlen, damp, blocksize, owl, method_opts, device,
+                 dtype, compute_dtype, cache_budget, resume, overwrite, units, save_format) -> PruneJob:
+    """Every argument checked (one clear line for bad input, before anything is read or written)."""
+    from ..devices import resolve_device
 
     pm = get_method(method) if units is None else units
     spec = parse_sparsity(sparsity) if units is None else units
@@ -99,7 +166,7 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
         raise PrunetuneError("--owl sets per-layer unstructured sparsity; it cannot be combined with N:M")
     if units is None:
         check_options(pm, spec, dict(method_opts or {}), damp=damp, blocksize=blocksize)
-    device = _device(device)
+    device = resolve_device(device)
     torch_dtype = parse_dtype(dtype)
     if compute_dtype == "auto":
         half = torch_dtype in (torch.bfloat16, torch.float16)
@@ -109,160 +176,177 @@ def prune(model=None, *, method: str, sparsity, out, calib: str = "c4", nsamples
     budget_mb = parse_budget(cache_budget)
     src = resolve_model(model)
     out_path = Path(out).expanduser().resolve()
-    partial = partial_dir_for(out_path)
-    state_file = partial / RESUME / JOURNAL
+    job = PruneJob(src, out_path, partial_dir_for(out_path), pm, spec, damp, device, torch_dtype, run_dtype,
+                   budget_mb, resume, units, save_format)
     if resume:
         if out_path.exists() and not overwrite:
             raise PrunetuneError(f"output directory '{out_path}' already exists (use --overwrite to replace it)")
-        if not state_file.is_file():
+        if not job.journal.is_file():
             raise PrunetuneError(f"nothing to resume: no interrupted run for '{out_path}'")
     else:
         check_output_dir(out_path, overwrite=overwrite, inputs=(src.home if src.kind != "hub" else None,))
-    with run_lock(out_path):  # held until the run ends: a second run into the same --out refuses to start
-        if not resume and partial.exists():
-            log.info("removing the leftovers of an earlier interrupted run: %s", partial)
-            shutil.rmtree(partial)
+    return job
 
-        if src.kind == "local":
-            preflight(src.path)  # an unsupported model is said before any weight is read
-        t_start = time.time()
-        with measure() as meas:
-            net, source, model_info, streaming = _open_model(src, stream, dtype, torch_dtype)
-            tok = _load_tokenizer(src)
-            adapter = get_adapter(net)
-            _check_targets(net, adapter, spec, units)
-            limit = max_positions(net.config)
-            if limit is not None and seqlen > limit:
-                log.warning("calibration seqlen %d clipped to the model's %d positions", seqlen, limit)
-                seqlen = limit
-            ids, calib_protocol = sample_calibration(tok, calib, nsamples, seqlen, seed,
-                                                     bos=calib_bos or family_bos(net.config.model_type))
-            batches = _batches(ids, batch_size)
 
-            protocol = {
-                "model": {k: v for k, v in model_info.items() if k != "loading"}, "method": pm.name,
-                "sparsity": str(spec), "sparsity_semantics": _semantics(spec), "calibration": calib_protocol,
-                "damp": damp, "blocksize": blocksize, "true_sequential": true_sequential,
-                "owl": {"lambda": owl_lambda, "m": owl_m} if owl else None, "method_opts": method_opts or {},
-                "dtype": str(torch_dtype).replace("torch.", ""), "prunetune": versions()["prunetune"],
-                "compute_dtype": str(run_dtype).replace("torch.", ""),
-            }
-            if units is not None:  # what decides a unit shrink (the fingerprint of its resume)
-                protocol.update(sparsity=None, sparsity_semantics=None, damp=units.damp, blocksize=None,
-                                units=units.describe())
-            fingerprint = _fingerprint(protocol)
-            if resume:  # checked before the working folder is opened: a refused resume leaves it intact
-                state = read_journal(state_file.parent)
-                if state.get("fingerprint") != fingerprint:
-                    raise PrunetuneError("cannot resume: the interrupted run used other settings or another model "
-                                         "(start again without --resume)")
+class _Run:
+    """One prune run's state, step by step: the opened model, its calibration batches and protocol, the layers
+    pruned (or resumed), the written checkpoint and report."""
 
-            def materialize_layer(i, layer):
-                materialize(net, adapter.layer_prefix(i), layer, source, device, torch_dtype)
+    def __init__(self, job: PruneJob, t_start: float):
+        self.job, self.t_start = job, t_start
+        self.state = None  # the journal of the interrupted run being resumed
 
-            if streaming:
-                _load_outside_layers(net, adapter, source, device, torch_dtype)
-            else:
-                for name, p in net.named_parameters():
-                    if not name.startswith(adapter.layers_path + "."):
-                        p.data = p.data.to(device)
+    def open(self, stream, dtype: str) -> None:
+        """The model (streamed layer by layer when it can be), its tokenizer and adapter; targets checked."""
+        job = self.job
+        self.net, self.source, self.model_info, self.streaming = _open_model(job.src, stream, dtype, job.torch_dtype)
+        self.tok = _load_tokenizer(job.src)
+        self.adapter = get_adapter(self.net)
+        _check_targets(self.net, self.adapter, job.spec, job.units)
+
+    def calibrate(self, calib, nsamples, seqlen, seed, batch_size, calib_bos, settings: dict) -> None:
+        """The calibration batches, the run's protocol and fingerprint; a resume of other settings refused."""
+        job, net = self.job, self.net
+        limit = max_positions(net.config)
+        if limit is not None and seqlen > limit:
+            log.warning("calibration seqlen %d clipped to the model's %d positions", seqlen, limit)
+            seqlen = limit
+        ids, calib_protocol = sample_calibration(self.tok, calib, nsamples, seqlen, seed,
+                                                 bos=calib_bos or family_bos(net.config.model_type))
+        self.batches = _batches(ids, batch_size)
+        spec = job.spec
+        self.protocol = {
+            "model": {k: v for k, v in self.model_info.items() if k != "loading"}, "method": job.method.name,
+            "sparsity": str(spec), "sparsity_semantics": _semantics(spec), "calibration": calib_protocol,
+            "damp": job.damp, "blocksize": settings["blocksize"], "true_sequential": settings["true_sequential"],
+            "owl": settings["owl"], "method_opts": settings["method_opts"],
+            "dtype": str(job.torch_dtype).replace("torch.", ""), "prunetune": versions()["prunetune"],
+            "compute_dtype": str(job.run_dtype).replace("torch.", ""),
+        }
+        if job.units is not None:  # what decides a unit shrink (the fingerprint of its resume)
+            self.protocol.update(sparsity=None, sparsity_semantics=None, damp=job.units.damp, blocksize=None,
+                                 units=job.units.describe())
+        self.fingerprint = _fingerprint(self.protocol)
+        if job.resume:  # checked before the working folder is opened: a refused resume leaves it intact
+            self.state = read_journal(job.journal.parent)
+            if self.state.get("fingerprint") != self.fingerprint:
+                raise PrunetuneError("cannot resume: the interrupted run used other settings or another model "
+                                     "(start again without --resume)")
+
+    def load_outside_layers(self) -> None:
+        """The weights outside the decoder layers on the device (streamed: only what the first layer needs),
+        each checked for NaN/Inf."""
+        net, adapter, device = self.net, self.adapter, self.job.device
+        if self.streaming:
+            _load_outside_layers(net, adapter, self.source, device, self.job.torch_dtype)
+        else:
             for name, p in net.named_parameters():
-                if (not name.startswith(adapter.layers_path + ".") and p.device.type != "meta"
-                        and not all_finite(p.data)):
-                    raise PrunetuneError(f"weights of '{name}' contain NaN/Inf")
+                if not name.startswith(adapter.layers_path + "."):
+                    p.data = p.data.to(device)
+        for name, p in net.named_parameters():
+            if (not name.startswith(adapter.layers_path + ".") and p.device.type != "meta"
+                    and not all_finite(p.data)):
+                raise PrunetuneError(f"weights of '{name}' contain NaN/Inf")
 
-            # kept after a crash, a kill or a full disk once a finished layer can be resumed
-            resumable = lambda tmp: (tmp / RESUME / JOURNAL).is_file()  # noqa: E731
-            shapes = [(int(b.shape[0]), int(b.shape[1]), int(adapter.hidden_size)) for b in batches]
-            with atomic_output_dir(out_path, overwrite=overwrite, keep_partial=resumable) as tmp:
-                writer = ShardWriter(tmp)
-                cache = ActivationCache(tmp / RESUME, shapes, torch_dtype, budget_mb)
-                start_layer, slot, done, layer_specs, earlier, layer_times = 0, "a", [], None, [], []
-                if resume:
-                    start_layer, slot = state["layer"] + 1, state["slot"]
-                    earlier = state.get("parts", [])
-                    layer_times = list(state.get("layer_wall_time_s", []))
-                    done = [LayerResult(**r) for r in state["results"]]
-                    layer_specs = state.get("layer_specs")
-                    layer_specs = [parse_sparsity(x) for x in layer_specs] if layer_specs else None
-                else:
-                    cache.check_disk()
-                    for sl in cache.slots.values():
-                        sl.create()
-                if streaming:  # layer 0 runs once while each layer's arguments are recorded
-                    materialize_layer(0, adapter.layers[0])
-                inputs = adapter.first_layer_inputs(batches, device, sink=_Discard() if resume else cache.slots["a"])
-                if streaming:  # the embedding was only needed for these inputs; _write_rest copies it from the source
-                    _release_outside_layers(net, adapter)
-                if owl and layer_specs is None:
-                    extra = Slot(tmp / RESUME / "hidden-owl.bin", shapes, torch_dtype, False)
-                    extra.create()
-                    ratios = outlier_ratios(net, cache.slots["a"], inputs.layer_kwargs, device, m=owl_m,
-                                            materialize_layer=materialize_layer if streaming else None,
-                                            release_layer=(lambda i, l: release(l)) if streaming else None,
-                                            scratch=(cache.slots["b"], extra))
-                    extra.path.unlink(missing_ok=True)
-                    layer_specs = owl_layer_specs(ratios, spec, owl_lambda)
-                cfg = DriverConfig(method=pm, spec=spec, damp=damp, blocksize=blocksize,
-                                   true_sequential=true_sequential, method_opts=dict(method_opts or {}),
-                                   layer_specs=layer_specs,
-                                   compute_dtype=None if run_dtype == torch_dtype else run_dtype)
-                if units is not None:
-                    from ..structured.neurons import new_config, prune_units_layer
+    def _materialize(self, i, layer) -> None:
+        materialize(self.net, self.adapter.layer_prefix(i), layer, self.source, self.job.device, self.job.torch_dtype)
 
-                    cfg.layer_fn = prune_units_layer
+    def prune_layers(self, tmp: Path, cfg: DriverConfig, *, owl, progress: bool) -> None:
+        """Every layer (from the journal's next one when resuming) through the driver, each written as a shard
+        and journalled as soon as it is done."""
+        job, net, adapter, state = self.job, self.net, self.adapter, self.state
+        torch_dtype, device, streaming = job.torch_dtype, job.device, self.streaming
+        self.writer = ShardWriter(tmp)
+        shapes = [(int(b.shape[0]), int(b.shape[1]), int(adapter.hidden_size)) for b in self.batches]
+        self.cache = cache = ActivationCache(tmp / RESUME, shapes, torch_dtype, job.budget_mb)
+        start_layer, slot, done, layer_specs, earlier, layer_times = 0, "a", [], None, [], []
+        if job.resume:
+            start_layer, slot = state["layer"] + 1, state["slot"]
+            earlier = state.get("parts", [])
+            layer_times = list(state.get("layer_wall_time_s", []))
+            done = [LayerResult(**r) for r in state["results"]]
+            layer_specs = state.get("layer_specs")
+            layer_specs = [parse_sparsity(x) for x in layer_specs] if layer_specs else None
+        else:
+            cache.check_disk()
+            for sl in cache.slots.values():
+                sl.create()
+        materialize_layer = self._materialize if streaming else None
+        if streaming:  # layer 0 runs once while each layer's arguments are recorded
+            materialize_layer(0, adapter.layers[0])
+        inputs = adapter.first_layer_inputs(self.batches, device, sink=_Discard() if job.resume else cache.slots["a"])
+        if streaming:  # the embedding was only needed for these inputs; _write_rest copies it from the source
+            _release_outside_layers(net, adapter)
+        if owl is not None and layer_specs is None:
+            owl_lambda, owl_m = owl
+            extra = Slot(tmp / RESUME / "hidden-owl.bin", shapes, torch_dtype, False)
+            extra.create()
+            ratios = outlier_ratios(net, cache.slots["a"], inputs.layer_kwargs, device, m=owl_m,
+                                    materialize_layer=materialize_layer,
+                                    release_layer=(lambda i, l: release(l)) if streaming else None,
+                                    scratch=(cache.slots["b"], extra))
+            extra.path.unlink(missing_ok=True)
+            layer_specs = owl_layer_specs(ratios, job.spec, owl_lambda)
+        cfg.layer_specs = layer_specs
+        if job.units is not None:
+            from ..structured.neurons import prune_units_layer
 
-                def on_layer_done(i, layer, results, hidden, kw, out_slot):
-                    nonlocal layer_start
-                    prefix = adapter.layer_prefix(i)
-                    writer.write(writer.layer_file(i), {prefix + k: v for k, v in layer.state_dict().items()})
-                    # the layer's wall time: pruning it, its outputs for the next one, and writing it (the copy
-                    # to the CPU also waits for a GPU's queued work)
-                    layer_times.append(round(time.time() - layer_start, 1))
-                    layer_start = time.time()
-                    done.extend(results)
-                    # each part of a run that was killed and resumed leaves its time and peak memory up to its
-                    # last finished layer, so the final report covers the whole run, not only its last part
-                    part = {"from_layer": start_layer, "to_layer": i, "wall_time_s": round(time.time() - t_start, 1),
-                            "cpu_time_s": round(time.process_time(), 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
-                    cache.write_journal({"fingerprint": fingerprint, "layer": i, "slot": out_slot,
-                                         "results": [asdict(r) for r in done],
-                                         "layer_specs": [str(x) for x in layer_specs] if layer_specs else None,
-                                         "parts": earlier + [part], "layer_wall_time_s": layer_times})
-                    if streaming:
-                        release(layer)
+            cfg.layer_fn = prune_units_layer
+        self.done, self.layer_times, self.earlier, self.start_layer = done, layer_times, earlier, start_layer
+        clock = [time.time()]
 
-                layer_start = time.time()
-                sequential_prune(net, batches=batches, cfg=cfg, device=device, on_layer_done=on_layer_done,
-                                 start_layer=start_layer, layer_kwargs=inputs.layer_kwargs, cache=cache, slot=slot,
-                                 materialize_layer=materialize_layer if streaming else None, progress=progress)
-                input_config = net.config
-                if units is not None:  # every layer now has the new sizes: the config says so
-                    net.config = new_config(input_config, units)
-                _write_rest(net, adapter, source, writer, tmp, tok, torch_dtype)
-                shutil.rmtree(tmp / RESUME, ignore_errors=True)
-                storage = compress_checkpoint(tmp) if save_format == "compressed" else {"format": "dense"}
-                report = _report(done, protocol, net, adapter)
-                report["storage"] = storage
-                report["activation_cache"] = cache.describe()
-                command = "prune" if units is None else "shrink"
-                report["manifest"] = _run_manifest(command, protocol, device, t_start,
-                                                   start_layer if resume else None, layer_times, earlier)
-                if eval_corpora:
-                    report["eval"] = _eval_pair(src.spec, tmp, eval_corpora, eval_seqlen, eval_max_windows, dtype,
-                                                device)
-                if units is not None:
-                    from ..structured.neurons import units_report
+        def on_layer_done(i, layer, results, hidden, kw, out_slot):
+            prefix = adapter.layer_prefix(i)
+            self.writer.write(self.writer.layer_file(i), {prefix + k: v for k, v in layer.state_dict().items()})
+            # the layer's wall time: pruning it, its outputs for the next one, and writing it (the copy to the CPU
+            # also waits for a GPU's queued work)
+            layer_times.append(round(time.time() - clock[0], 1))
+            clock[0] = time.time()
+            done.extend(results)
+            # each part of a run that was killed and resumed leaves its time and peak memory up to its last
+            # finished layer, so the final report covers the whole run, not only its last part
+            part = {"from_layer": start_layer, "to_layer": i, "wall_time_s": round(time.time() - self.t_start, 1),
+                    "cpu_time_s": round(time.process_time(), 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+            cache.write_journal({"fingerprint": self.fingerprint, "layer": i, "slot": out_slot,
+                                 "results": [asdict(r) for r in done],
+                                 "layer_specs": [str(x) for x in layer_specs] if layer_specs else None,
+                                 "parts": earlier + [part], "layer_wall_time_s": layer_times})
+            if streaming:
+                release(layer)
 
-                    report = units_report(report, input_config, units, model_info)
-                (tmp / (REPORT if units is None else "shrink_report.json")).write_text(
-                    json.dumps(report, indent=2, default=str) + "\n")
-                write_manifest(tmp, {"tool": "prunetune", "command": command, "fingerprint": fingerprint,
-                                     "source_model": src.location()})
-        # wall time and peak memory of the whole job, including the evaluation
-        report["manifest"].update(meas.as_dict())
-        if units is None:
-            report["summary_table"] = summary_table(report)
+        sequential_prune(net, batches=self.batches, cfg=cfg, device=device, on_layer_done=on_layer_done,
+                         start_layer=start_layer, layer_kwargs=inputs.layer_kwargs, cache=cache, slot=slot,
+                         materialize_layer=materialize_layer, progress=progress)
+
+    def write(self, tmp: Path) -> dict:
+        """The rest of the checkpoint (config with the new sizes after a shrink, tokenizer, embeddings), stored
+        as asked; the report of the layers."""
+        job, net = self.job, self.net
+        self.input_config = net.config
+        if job.units is not None:  # every layer now has the new sizes: the config says so
+            from ..structured.neurons import new_config
+
+            net.config = new_config(self.input_config, job.units)
+        _write_rest(net, self.adapter, self.source, self.writer, tmp, self.tok, job.torch_dtype)
+        shutil.rmtree(tmp / RESUME, ignore_errors=True)
+        report = _report(self.done, self.protocol, net, self.adapter)
+        report["storage"] = compress_checkpoint(tmp) if job.save_format == "compressed" else {"format": "dense"}
+        report["activation_cache"] = self.cache.describe()
+        report["manifest"] = _run_manifest(job.command, self.protocol, job.device, self.t_start,
+                                           self.start_layer if job.resume else None, self.layer_times, self.earlier)
+        return report
+
+    def write_report(self, tmp: Path, report: dict) -> dict:
+        """``prune_report.json`` (``shrink_report.json`` in the shrink's terms) and the manifest of hashes."""
+        job = self.job
+        if job.units is not None:
+            from ..structured.neurons import units_report
+
+            report = units_report(report, self.input_config, job.units, self.model_info)
+        (tmp / (REPORT if job.units is None else "shrink_report.json")).write_text(
+            json.dumps(report, indent=2, default=str) + "\n")
+        write_manifest(tmp, {"tool": "prunetune", "command": job.command, "fingerprint": self.fingerprint,
+                             "source_model": job.src.location()})
         return report
 
 
