@@ -6,7 +6,8 @@
 
 Each step is the CLI in a fresh process (small budgets: this checks that the commands work on the family, the
 quality numbers are in ``prune_smollm2.py --model models/gemma-3-270m``): its exit code, its last output
-lines (or its one error line), wall time. A step whose input a failed step should have made is skipped.
+lines (or its one error line), wall time. A step whose input a failed step should have made is skipped. A step
+already in ``--out`` is not run again, so a killed run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -66,9 +67,13 @@ def main():
     w = Path(a.work)
     w.mkdir(parents=True, exist_ok=True)
     data = c4_train_file("1000-1199", w)
+    old = json.loads(Path(a.out).read_text()).get("steps", {}) if Path(a.out).is_file() else {}
     res = {"protocol": {"model": a.model, "versions": versions(), "machine": machine(),
                         "command": "python " + " ".join(sys.argv)}, "steps": {}}
     for name, args, needs in steps(a.model, w, data):
+        if "rc" in old.get(name, {}):  # ran (or refused) in an earlier part
+            res["steps"][name] = old[name]
+            continue
         if needs and not (w / needs / "config.json").is_file() and not (w / needs / "adapters").is_dir():
             res["steps"][name] = {"skipped": f"needs {needs}"}
             continue

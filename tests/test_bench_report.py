@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from prunetune.errors import PrunetuneError
-from prunetune.evaluation import speed
+from prunetune.evaluation import semi_structured, speed
 from prunetune.evaluation.report import report
 from prunetune.evaluation.speed import bench
 from prunetune.manifest import sha256_file
@@ -136,8 +136,8 @@ def test_sparse_2to4_bookkeeping(tmp_path, monkeypatch):
     """The comparison logic of --sparse-2to4, with the CUDA kernel swapped for a dense copy scaled by 1 + 2⁻⁴, so it
     runs here and the per-linear check must see the difference."""
     model_dir = _save_pruned(tmp_path / "stories-2of4", "2:4")
-    monkeypatch.setattr(speed, "_check_sparse_support", lambda device, dtype: None)
-    monkeypatch.setattr(speed, "_to_semi_structured", lambda w: (w * (1 + 2 ** -4)).detach())
+    monkeypatch.setattr(semi_structured, "check_sparse_support", lambda device, dtype: None)
+    monkeypatch.setattr(semi_structured, "to_semi_structured", lambda w: (w * (1 + 2 ** -4)).detach())
     res = bench([str(model_dir)], batch_sizes=(1,), seq_lens=(16,), repeats=1, warmup=0, decode_tokens=2,
                 dtype="bfloat16", device="cpu", sparse_2to4=True, progress=False, memory_probe=False, threads=1)
     label = str(model_dir)

@@ -23,32 +23,30 @@ dense, per linear shape (micro-benchmark) and end to end. Ratios below 1 (sparse
 from __future__ import annotations
 
 import argparse
-import copy
-import inspect
 import json
 import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import PrunetuneError
 from ..io import check_output_file, load_model, parse_dtype, resolve_model
-from ..manifest import _status_mb, machine, measure, peak_rss_mb, reset_peak_rss, versions, write_json_atomic
+from ..manifest import machine, measure, versions, write_json_atomic
+from . import semi_structured
+from .timing import (allocated, decode_once, forward_kwargs, linear_sparsity, memory_probe, prefill_once,
+                     run_memory_probe, stats, syncer, unique_tensor_bytes)
 from .perplexity import max_positions
 
 log = logging.getLogger("prunetune")
 
 SPARSE_LABEL = "2:4 sparse kernels"
-_MICRO_ITERS = 20
 
 PROTOCOL_TEXT = {
     "prefill": "one forward pass over batch x seq_len random token ids (seed 0), use_cache=False, under "
@@ -100,9 +98,6 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def _stats(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
-            "values": list(values)}
 
 
 def _check_ints(name: str, values, minimum: int) -> tuple[int, ...]:
@@ -118,255 +113,6 @@ def _check_ints(name: str, values, minimum: int) -> tuple[int, ...]:
     if bad:
         raise PrunetuneError(f"{name} must be at least {minimum} (got {bad[0]})")
     return out
-
-
-def decoder_linears(model) -> list[tuple[str, torch.nn.Linear]]:
-    """Every nn.Linear except the output embedding (LM head), which pruning leaves dense."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
-
-
-def is_2to4(weight: torch.Tensor) -> bool:
-    """At most 2 non-zeros in every group of 4 consecutive input weights (the layout the kernels use)."""
-    if weight.dim() != 2 or weight.shape[1] % 4:
-        return False
-    groups = (weight.detach() != 0).reshape(weight.shape[0], -1, 4).sum(-1)
-    return bool(groups.max() <= 2)
-
-
-def linear_sparsity(model) -> dict:
-    lins = decoder_linears(model)
-    total = sum(m.weight.numel() for _, m in lins)
-    zeros = sum(int((m.weight.detach() == 0).sum()) for _, m in lins)
-    n24 = sum(is_2to4(m.weight) for _, m in lins)
-    return {"linears": len(lins), "params": total, "zeros": zeros, "sparsity": zeros / total if total else 0.0,
-            "linears_2to4": n24}
-
-
-def _unique_tensor_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.data_ptr(), t.numel()) if t.layout == torch.strided else id(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
-    return total
-
-
-def _rss_mb() -> float:
-    rss = _status_mb("VmRSS")
-    if rss is not None:
-        return rss
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-
-# --- the timed operations ------------------------------------------------------------------------
-def _allocated(device: str) -> int:
-    """Bytes held by the CUDA allocator on ``device`` (0 elsewhere)."""
-    if not device.startswith("cuda"):
-        return 0
-    torch.cuda.synchronize(torch.device(device))
-    return torch.cuda.memory_allocated(torch.device(device))
-
-
-def _syncer(device: str):
-    if device.startswith("cuda"):
-        dev = torch.device(device)
-        return lambda: torch.cuda.synchronize(dev)
-    return lambda: None
-
-
-def _forward_kwargs(model) -> tuple[dict, str]:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "logits_to_keep" in params:
-        return {"logits_to_keep": 1}, "last position only (logits_to_keep=1)"
-    return {}, "all positions (the model has no logits_to_keep)"
-
-
-def prefill_once(model, ids: torch.Tensor, kwargs: dict, sync) -> float:
-    with torch.inference_mode():
-        sync()
-        t0 = time.perf_counter()
-        model(input_ids=ids, use_cache=False, **kwargs)
-        sync()
-        return time.perf_counter() - t0
-
-
-def decode_once(model, ids: torch.Tensor, new_tokens: int, sync) -> tuple[float, float]:
-    """Greedy generation of exactly ``new_tokens``; returns (decode seconds after the first token, ttft seconds)."""
-    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
-
-    class _Clock(LogitsProcessor):
-        first = None
-
-        def __call__(self, input_ids, scores):
-            if self.first is None:
-                sync()
-                self.first = time.perf_counter()
-            return scores
-
-    clock = _Clock()
-    cfg = model.config
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or getattr(cfg, "eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
-        eos = list(eos)
-    pad = getattr(cfg, "pad_token_id", None)
-    if pad is None:
-        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
-    gcfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
-                            use_cache=True, eos_token_id=eos, pad_token_id=pad)
-    with torch.inference_mode():
-        sync()
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gcfg,
-                             logits_processor=LogitsProcessorList([clock]))
-        sync()
-        t1 = time.perf_counter()
-    produced = out.shape[1] - ids.shape[1]
-    if produced != new_tokens:
-        raise RuntimeError(f"generate() produced {produced} tokens instead of {new_tokens}")
-    return t1 - clock.first, clock.first - t0
-
-
-# --- memory on CPU: a fresh process per model ---------------------------------------------------
-def _import_model_code(spec: str) -> None:
-    """Import the modelling code of ``spec`` (building it on the meta device) without loading weights."""
-    import transformers  # noqa: F401
-
-    src = resolve_model(spec)
-    if src.kind != "local":
-        return
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        cfg = AutoConfig.from_pretrained(src.path)
-        with torch.device("meta"):
-            AutoModelForCausalLM.from_config(cfg)
-    except Exception:  # noqa: BLE001  best effort: the real load below reports real problems
-        pass
-
-
-def _memory_probe(cfg: dict) -> dict:
-    """Run inside a fresh process: RSS before loading, after loading, and the peak over the largest cells."""
-    torch.set_num_threads(int(cfg["threads"]))
-    _import_model_code(cfg["spec"])  # library code is not the model's memory: import it before the baseline
-    base = _rss_mb()
-    hwm_reset = reset_peak_rss()
-    model, _, _ = load_model(cfg["spec"], dtype=cfg["dtype"], device="cpu", tokenizer=False)
-    kwargs, _ = _forward_kwargs(model)
-    g = torch.Generator().manual_seed(0)
-    vocab = int(cfg["vocab"])
-    ids = torch.randint(3, vocab, (cfg["batch_size"], cfg["seq_len"]), generator=g)
-    prefill_once(model, ids, kwargs, lambda: None)
-    ids = torch.randint(3, vocab, (cfg["decode_batch"], cfg["prompt_len"]), generator=g)
-    decode_once(model, ids, cfg["decode_tokens"], lambda: None)
-    peak = peak_rss_mb()
-    return {"baseline_rss_mb": round(base, 1), "peak_mb": round(peak - base, 1), "peak_source": "VmHWM after reset" if hwm_reset else "ru_maxrss"}
-
-
-def _run_memory_probe(cfg: dict, timeout: float = 1800) -> dict:
-    env = dict(os.environ)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        proc = subprocess.run([sys.executable, "-m", "prunetune.evaluation.speed", "--memory-probe", json.dumps(cfg)],
-                              capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"memory probe timed out after {timeout:.0f}s"}
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"memory probe failed: {tail}"}
-    return json.loads(lines[-1])
-
-
-# --- 2:4 semi-structured kernels -----------------------------------------------------------------
-def _check_sparse_support(device: str, dtype: torch.dtype) -> None:
-    if not device.startswith("cuda"):
-        raise PrunetuneError("semi-structured sparse kernels need a CUDA GPU (--sparse-2to4 cannot run on the CPU)")
-    if dtype not in (torch.float16, torch.bfloat16):
-        raise PrunetuneError("semi-structured sparse kernels need --dtype float16 or bfloat16 "
-                             f"(got {str(dtype).replace('torch.', '')})")
-    major, minor = torch.cuda.get_device_capability(torch.device(device))
-    if major < 8:
-        raise PrunetuneError(f"semi-structured sparse kernels need an Ampere or newer GPU (compute capability 8.0+, "
-                             f"this one is {major}.{minor})")
-
-
-def _to_semi_structured(weight: torch.Tensor) -> torch.Tensor:
-    from torch.sparse import to_sparse_semi_structured
-
-    return to_sparse_semi_structured(weight.detach().contiguous())
-
-
-def _sparse_copy(model) -> tuple[torch.nn.Module, list[str], dict[str, str]]:
-    """A copy of ``model`` whose valid 2:4 linears hold semi-structured sparse weights."""
-    sm = copy.deepcopy(model)
-    converted, skipped = [], {}
-    for name, lin in decoder_linears(sm):
-        if not is_2to4(lin.weight):
-            skipped[name] = "not 2:4"
-            continue
-        try:
-            lin.weight = torch.nn.Parameter(_to_semi_structured(lin.weight), requires_grad=False)
-        except (RuntimeError, ValueError, NotImplementedError) as e:
-            skipped[name] = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            continue
-        converted.append(name)
-    return sm, converted, skipped
-
-
-def _time_linear(x, w, sync) -> float:
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(_MICRO_ITERS):
-        F.linear(x, w)
-    sync()
-    return (time.perf_counter() - t0) / _MICRO_ITERS
-
-
-def _micro_bench(model, converted: list[str], token_counts: list[int], repeats: int, warmup: int, device: str,
-                 sync) -> list[dict]:
-    """Each distinct shape of the converted linears: dense F.linear vs semi-structured, interleaved."""
-    mods = dict(model.named_modules())
-    shapes: dict[tuple, torch.Tensor] = {}
-    for name in converted:
-        w = mods[name].weight
-        shapes.setdefault(tuple(w.shape), w.detach())
-    rows = []
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.inference_mode():
-        for shape, w in shapes.items():
-            try:
-                ws = _to_semi_structured(w)
-            except (RuntimeError, ValueError, NotImplementedError) as e:
-                rows.append({"shape": list(shape), "error": str(e).strip().splitlines()[0]})
-                continue
-            for tokens in token_counts:
-                x = torch.randn(tokens, shape[1], dtype=w.dtype, device=device, generator=g)
-                try:
-                    ref, got = F.linear(x, w), F.linear(x, ws)
-                    err = float((ref - got).abs().max() / ref.abs().max().clamp_min(1e-6))
-                    dense_t, sparse_t = [], []
-                    for r in range(warmup + repeats):
-                        td, tsp = _time_linear(x, w, sync), _time_linear(x, ws, sync)
-                        if r >= warmup:
-                            dense_t.append(td)
-                            sparse_t.append(tsp)
-                except RuntimeError as e:
-                    rows.append({"shape": list(shape), "tokens": tokens, "error": str(e).strip().splitlines()[0]})
-                    continue
-                dmed, smed = statistics.median(dense_t), statistics.median(sparse_t)
-                rows.append({"shape": list(shape), "tokens": tokens, "dense_ms": _stats([t * 1e3 for t in dense_t]),
-                             "sparse_ms": _stats([t * 1e3 for t in sparse_t]), "speedup": dmed / smed,
-                             "verdict": "faster" if dmed > smed else "slower", "max_rel_diff": err})
-    return rows
 
 
 # --- the benchmark ------------------------------------------------------------------------------
@@ -406,7 +152,7 @@ def bench(models: list[str], *, batch_sizes=(1, 8, 32), seq_lens=(128,), decode_
     device = _resolve_device(device)
     torch_dtype = parse_dtype(dtype)
     if sparse_2to4:
-        _check_sparse_support(device, torch_dtype)
+        semi_structured.check_sparse_support(device, torch_dtype)
     if threads is not None:
         threads = _check_ints("threads", threads, 1)[0]
     for m in models:
@@ -457,7 +203,7 @@ def _bench(models, batch_sizes, seq_lens, decode_tokens, repeats, warmup, dtype,
            out, progress, memory_probe) -> dict:
     run = _Run(batch_sizes, seq_lens, decode_tokens, repeats, warmup, dtype, torch_dtype, device, sparse_2to4,
                progress, memory_probe)
-    sync = _syncer(device)
+    sync = syncer(device)
     t_start = time.time()
     with measure() as meas:
         entries = [_load_entry(label, spec, run) for label, spec in zip(_labels(models), models)]
@@ -478,7 +224,7 @@ def _bench(models, batch_sizes, seq_lens, decode_tokens, repeats, warmup, dtype,
 
 def _load_entry(label: str, spec: str, run: _Run) -> dict:
     """Load one model and record what does not need timing (size, parameters, sparsity, weight bytes)."""
-    before = _allocated(run.device)
+    before = allocated(run.device)
     try:
         model, _, info = load_model(spec, dtype=run.dtype, device=run.device, tokenizer=False)
     except torch.cuda.OutOfMemoryError:
@@ -490,18 +236,18 @@ def _load_entry(label: str, spec: str, run: _Run) -> dict:
     if limit is not None and (max(run.seq_lens) > limit or run.prompt_len + run.decode_tokens > limit):
         raise PrunetuneError(f"model '{spec}' allows {limit} positions; sequence length {max(run.seq_lens)} "
                              f"(or prompt {run.prompt_len} + {run.decode_tokens} new tokens) is too long")
-    kwargs, logits_note = _forward_kwargs(model)
+    kwargs, logits_note = forward_kwargs(model)
     entry = {
         "label": label, "spec": spec, "model": model, "kwargs": kwargs, "variant": "dense", "base": label,
         "info": info, "logits": logits_note,
         "parameters": sum(p.numel() for p in model.parameters()),
         "size_on_disk_bytes": sum(os.path.getsize(f) for f in src.weight_files) if src.weight_files else None,
         "sparsity": linear_sparsity(model),
-        "weights_mb": _unique_tensor_bytes(model) / 2**20,
+        "weights_mb": unique_tensor_bytes(model) / 2**20,
         "vocab": int(model.get_input_embeddings().weight.shape[0]),
     }
     if run.cuda:
-        entry["weights_mb"] = (_allocated(run.device) - before) / 2**20
+        entry["weights_mb"] = (allocated(run.device) - before) / 2**20
     return entry
 
 
@@ -513,13 +259,13 @@ def _add_sparse_variants(entries: list[dict], run: _Run) -> dict:
         if sp["linears_2to4"] == 0:
             sparse_info[e["label"]] = {"converted": 0, "note": "no linear follows a 2:4 pattern"}
             continue
-        before = _allocated(run.device)
+        before = allocated(run.device)
         try:
-            sm, converted, skipped = _sparse_copy(e["model"])
+            sm, converted, skipped = semi_structured.sparse_copy(e["model"])
         except torch.cuda.OutOfMemoryError:
             sparse_info[e["label"]] = {"converted": 0, "error": "out of GPU memory copying the model"}
             continue
-        sparse_weights_mb = (_allocated(run.device) - before) / 2**20 if run.cuda else _unique_tensor_bytes(sm) / 2**20
+        sparse_weights_mb = (allocated(run.device) - before) / 2**20 if run.cuda else unique_tensor_bytes(sm) / 2**20
         sparse_info[e["label"]] = {"converted": len(converted), "not_converted": skipped}
         if not converted:
             continue
@@ -599,7 +345,7 @@ def _memory(entries, peak_extra, vocab: int, run: _Run) -> dict:
                                   "peak_run_extra_mb": round(peak_extra[e["label"]], 1),
                                   "peak_mb": round(e["weights_mb"] + peak_extra[e["label"]], 1)}
         elif run.memory_probe and e["variant"] == "dense":
-            probe = _run_memory_probe({"spec": e["spec"], "dtype": run.dtype, "threads": torch.get_num_threads(),
+            probe = run_memory_probe({"spec": e["spec"], "dtype": run.dtype, "threads": torch.get_num_threads(),
                                        "batch_size": max(run.batch_sizes), "seq_len": max(run.seq_lens),
                                        "vocab": vocab, "decode_batch": max(run.decode_batches),
                                        "prompt_len": run.prompt_len, "decode_tokens": run.decode_tokens})
@@ -628,15 +374,15 @@ def _speed_rows(entries, cells, times, ttft, run: _Run) -> tuple[list, list]:
                 continue
             if kind == "prefill":
                 tps = [bs * sl / t for t in ts]
-                row = {"model": e["label"], "batch_size": bs, "seq_len": sl, "latency_s": _stats(ts),
-                       "tokens_per_s": _stats(tps)}
+                row = {"model": e["label"], "batch_size": bs, "seq_len": sl, "latency_s": stats(ts),
+                       "tokens_per_s": stats(tps)}
                 rows = prefill_rows
             else:
                 tps = [bs * (decode_tokens - 1) / t for t in ts]
                 row = {"model": e["label"], "batch_size": bs, "prompt_len": sl, "new_tokens": decode_tokens,
-                       "decode_s": _stats(ts), "tokens_per_s": _stats(tps),
+                       "decode_s": stats(ts), "tokens_per_s": stats(tps),
                        "ms_per_token": statistics.median(ts) / (decode_tokens - 1) * 1e3,
-                       "ttft_s": _stats(ttft[(e["label"], cell)])}
+                       "ttft_s": stats(ttft[(e["label"], cell)])}
                 rows = decode_rows
             if base_times:
                 bt = statistics.median(base_times)
@@ -716,7 +462,7 @@ def _sparse_summary(entries, sparse_info, failed, times, cells, decode_tokens, b
                         "sparse_s": statistics.median(tsp), "speedup": sp, "verdict": "faster" if sp > 1 else "slower"})
         rec["end_to_end"] = e2e
         tokens = sorted({max(batch_sizes) * max(seq_lens), max(batch_sizes)}, reverse=True)
-        rec["per_linear"] = _micro_bench(dense["model"], e["converted"], tokens, repeats, max(warmup, 1), device, sync)
+        rec["per_linear"] = semi_structured.micro_bench(dense["model"], e["converted"], tokens, repeats, max(warmup, 1), device, sync)
         out["models"][e["base"]] = rec
     for label, info in sparse_info.items():
         out["models"].setdefault(label, info)
@@ -770,7 +516,7 @@ def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="internal: memory probe of one model in a fresh process")
     ap.add_argument("--memory-probe", required=True, help="JSON settings")
     a = ap.parse_args(argv)
-    res = _memory_probe(json.loads(a.memory_probe))
+    res = memory_probe(json.loads(a.memory_probe))
     print(json.dumps(res), flush=True)
     return 0
 
