@@ -17,7 +17,7 @@ their script, neither touching the maths: ``alps.py`` is read from the checkout 
 becomes the CPU (its ``torch.cuda.synchronize()`` a no-op), and the layer inputs and arguments come from
 prunetune's adapter (transformers 5: ``position_embeddings``, ``use_cache=False``, no cache object — their
 driver's ``attention_mask``/``position_ids`` calling convention is gone). ``apt`` / ``sparsegpt`` are
-``prunetune.prune`` with defaults (``apt:damp=0.01``-style keys pass options). Results are written after every
+``prunetune.prune`` with defaults (``apt:damp=0.01`` or ``apt:true_sequential=0`` pass options). Results are written after every
 run; a run already in the file is skipped, so a killed benchmark continues where it stopped.
 """
 
@@ -100,25 +100,29 @@ def run_alps(setting: str, a, out: Path) -> dict:
             per_layer.append(round(time.time() - tl, 2))
             print(f"  alps {setting} layer {i}: {per_layer[-1]} s", flush=True)
     prune_s = time.time() - t0
+    lins = [m.weight for layer in adapter.layers for m in layer.modules() if isinstance(m, nn.Linear)]
+    sparsity = sum(int((w == 0).sum()) for w in lins) / sum(w.numel() for w in lins)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return {"prune_s": round(prune_s, 1), "layer_s": per_layer, "calibration": calib, "objective": errors,
+    return {"prune_s": round(prune_s, 1), "layer_s": per_layer, "sparsity": sparsity, "calibration": calib, "objective": errors,
             "deviation": "alps.py on the CPU ('cuda:0' -> 'cpu'); layer inputs and kwargs from prunetune's adapter"}
 
 
 def run_prunetune(method: str, setting: str, a, out: Path) -> dict:
     name, *opts = method.split(":")
-    kw = {k: float(v) for k, v in (o.split("=", 1) for o in opts)}
+    kw = {k: (v not in ("0", "false") if k == "true_sequential" else float(v))
+          for k, v in (o.split("=", 1) for o in opts)}
     sp = setting if ":" in setting else float(setting)
     t0 = time.time()
     rep = pt.prune(a.dense, method=name, sparsity=sp, out=str(out), calib="c4", nsamples=a.nsamples,
                    seqlen=a.seqlen, seed=0, overwrite=True, progress=False, **kw)
     return {"prune_s": round(time.time() - t0, 1), "calibration": rep["manifest"].get("calibration"),
-            "mean_rel_error": sum(r["rel_error"] for r in rep["layers"]) / len(rep["layers"])}
+            "mean_rel_error": sum(r["rel_error"] for r in rep["layers"]) / len(rep["layers"]),
+            "sparsity": rep["total"]["sparsity_of_pruned_matrices"]}
 
 
 def markdown(res: dict) -> str:

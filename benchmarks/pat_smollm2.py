@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import torch  # noqa: E402
 
 import prunetune as pt  # noqa: E402
-from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
+from bench_common import ResultFile, ensure_model, run_protocol  # noqa: E402
 
 TASKS = ["arc_easy", "arc_challenge", "boolq", "piqa", "winogrande", "openbookqa"]
 
@@ -137,36 +136,32 @@ def main():
         print(markdown(json.loads(out.read_text())))
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    res = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
-    res["protocol"] = {
-        "dense": a.dense, "ratios": a.ratios,
-        "training": {"data": a.data, "steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
-                     "seed": a.seed, "lr": a.lr, "schedule": "cosine", "warmup": a.warmup,
-                     "held_out": a.eval_size, "max_records": a.max_records,
-                     "adapters": "LoRA r=8 alpha=16 dropout 0.05 on q/k/v/o/gate/up/down of every layer (all runs); "
-                                 "PAT adds 61 HSMs (HIO rank 29 = 5% of 576) and the shared mask, milestone 1/3; "
-                                 f"warm start from channel energy on {a.mask_init_data} ({a.calib_samples} x "
-                                 f"{a.calib_seqlen}, the baselines' windows), W_M spread {a.mask_init_scale}, "
-                                 "unless a row states otherwise"},
-        "channel_importance": f"activation energy at every RMSNorm output, C4 {a.calib_samples} x {a.calib_seqlen}, "
-                              f"seed {a.seed}",
-        "eval": {"perplexity": f"{', '.join(a.corpora)}; 512-token windows, first {a.ppl_windows}",
-                 "zeroshot": f"{', '.join(a.tasks)}; first {a.limit} examples each; acc; unweighted average"},
-        "dtype": "float32", "device": "cpu", "versions": versions(), "machine": machine(),
-        "command": " ".join(["python", "benchmarks/pat_smollm2.py", *sys.argv[1:]]),
-    }
+    rf = ResultFile(out, run_protocol(
+        "pat_smollm2.py", dense=a.dense, ratios=a.ratios,
+        training={"data": a.data, "steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
+                  "seed": a.seed, "lr": a.lr, "schedule": "cosine", "warmup": a.warmup,
+                  "held_out": a.eval_size, "max_records": a.max_records,
+                  "adapters": "LoRA r=8 alpha=16 dropout 0.05 on q/k/v/o/gate/up/down of every layer (all runs); "
+                              "PAT adds 61 HSMs (HIO rank 29 = 5% of 576) and the shared mask, milestone 1/3; "
+                              f"warm start from channel energy on {a.mask_init_data} ({a.calib_samples} x "
+                              f"{a.calib_seqlen}, the baselines' windows), W_M spread {a.mask_init_scale}, "
+                              "unless a row states otherwise"},
+        channel_importance=f"activation energy at every RMSNorm output, C4 {a.calib_samples} x {a.calib_seqlen}, "
+                           f"seed {a.seed}",
+        eval={"perplexity": f"{', '.join(a.corpora)}; 512-token windows, first {a.ppl_windows}",
+              "zeroshot": f"{', '.join(a.tasks)}; first {a.limit} examples each; acc; unweighted average"},
+        dtype="float32", device="cpu"))
+    res = rf.data
+    ensure_model(a.dense)
 
     init_data = {"calib": a.mask_init_data, "calib_samples": a.calib_samples, "calib_seqlen": a.calib_seqlen}
 
-    def record(key, row):  # re-read first: several benchmark processes may share one result file
-        if out.is_file():
-            res["runs"] = {**json.loads(out.read_text())["runs"], **res["runs"]}
-        res["runs"][key] = row
-        write_json_atomic(out, res)
+    def record(key, row):
+        rf.record(key, row)
         print(key, json.dumps({k: v for k, v in row.items() if k not in ("calibration",)}), flush=True)
 
     def todo(key):
-        return key not in res["runs"] and key not in a.skip
+        return not rf.done(key) and key not in a.skip
 
     if todo("dense"):
         record("dense", {"model": a.dense, **evaluate(a.dense, a)})
@@ -217,8 +212,7 @@ def main():
             row = run_tune(a.dense, "pat", d, a, ratio=r, mask_init="zero")
             record(key, {"model": str(d), "ratio": r, "mask_init": "zero", **row, **evaluate(d, a)})
     if todo("step_time") and a.timing_steps > 1:
-        res["runs"]["step_time"] = step_time(a, work)
-        write_json_atomic(out, res)
+        rf.record("step_time", step_time(a, work))
     print(markdown(res))
 
 

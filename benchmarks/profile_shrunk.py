@@ -14,7 +14,6 @@ speed-up and the ideal ``d / k`` is attributed to named operations. Result: benc
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

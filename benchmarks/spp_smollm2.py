@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 import prunetune as pt  # noqa: E402
-from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
-from prunetune.paths import data_dir  # noqa: E402
+from bench_common import ResultFile, c4_train_file, ensure_model, run_protocol  # noqa: E402
 
 TASKS = ["arc_easy", "arc_challenge", "boolq", "piqa", "winogrande", "openbookqa"]
 
@@ -40,19 +38,6 @@ def evaluate(model_dir, a) -> dict:
     return {"ppl": {c: v["ppl"] for c, v in r["perplexity"].items()},
             "zeroshot": {t: v["acc"] for t, v in zs["tasks"].items()}, "zeroshot_avg": zs["average"]["acc"],
             "eval_wall_s": r["manifest"]["wall_time_s"]}
-
-
-def train_file(a) -> Path:
-    lo, hi = (int(x) for x in a.train_docs.split("-"))
-    src = data_dir() / "c4" / "c4_validation_2k.jsonl"
-    out = Path(a.work) / f"c4_train_docs_{lo}-{hi}.jsonl"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        lines = src.read_text(encoding="utf-8").splitlines()[lo:hi + 1]
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text("\n".join(json.dumps({"text": json.loads(l)["text"]}) for l in lines) + "\n", encoding="utf-8")
-        tmp.replace(out)
-    return out
 
 
 def main():
@@ -77,29 +62,26 @@ def main():
     if a.markdown:
         print(markdown(json.loads(out.read_text())))
         return
-    data = train_file(a)
-    res = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
-    res["protocol"] = {
-        "dense": a.dense, "pruned": a.pruned, "methods": a.methods,
-        "training": {"data": f"C4 validation documents {a.train_docs} (text, packed {a.seq_len}-token windows)",
+    data = c4_train_file(a.train_docs, a.work)
+    rf = ResultFile(out, run_protocol(
+        "spp_smollm2.py", dense=a.dense, pruned=a.pruned, methods=a.methods,
+        training={"data": f"C4 validation documents {a.train_docs} (text, packed {a.seq_len}-token windows)",
                      "steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len, "seed": 0,
                      "lr": "method defaults (spp 4e-3, lora 2e-4), cosine, no warm-up",
                      "adapters": "spp g=16 r=16 alpha=32 dropout 0.05; lora r=8 alpha=16 dropout 0.05; "
                                  "q/k/v/o/gate/up/down of every layer"},
-        "eval": {"perplexity": f"{', '.join(a.corpora)}; 512-token windows, first {a.ppl_windows}",
-                 "zeroshot": f"{', '.join(a.tasks)}; first {a.limit} examples each; acc; unweighted average"},
-        "dtype": "float32", "device": "cpu", "versions": versions(), "machine": machine(),
-        "command": " ".join(["python", "benchmarks/spp_smollm2.py", *sys.argv[1:]]),
-    }
+        eval={"perplexity": f"{', '.join(a.corpora)}; 512-token windows, first {a.ppl_windows}",
+              "zeroshot": f"{', '.join(a.tasks)}; first {a.limit} examples each; acc; unweighted average"},
+        dtype="float32", device="cpu"))
+    ensure_model(a.dense)
     for name, path in [("dense", a.dense)] + [(f"pruned:{Path(p).name}", p) for p in a.pruned]:
-        if name not in res["runs"]:
-            res["runs"][name] = {"model": path, **evaluate(path, a)}
-            write_json_atomic(out, res)
-            print(name, json.dumps(res["runs"][name]), flush=True)
+        if not rf.done(name):
+            rf.record(name, {"model": path, **evaluate(path, a)})
+            print(name, json.dumps(rf.runs[name]), flush=True)
     for p in a.pruned:
         for method in a.methods:
             key = f"{method}:{Path(p).name}"
-            if key in res["runs"]:
+            if rf.done(key):
                 continue
             d = Path(a.work) / key.replace(":", "-")
             t = time.time()
@@ -114,10 +96,9 @@ def main():
                    "sparsity": rep.get("sparsity"), "zero_pattern_check": rep.get("zero_pattern_check"),
                    "peak_rss_mb": rep["manifest"]["peak_rss_mb"]}
             row.update(evaluate(d, a))
-            res["runs"][key] = row
-            write_json_atomic(out, res)
+            rf.record(key, row)
             print(key, json.dumps({k: v for k, v in row.items() if k != "zero_pattern_check"}), flush=True)
-    print(markdown(res))
+    print(markdown(rf.data))
 
 
 def _gap(dense, pruned, tuned, higher_better=False):

@@ -7,7 +7,7 @@ rotated hidden-channel shrink, at the same share of decoder-layer weights.
 
 A run is ``STRUCTURE:RATIO:SELECT[:OPT=VALUE...]``: ``prunetune shrink --structure STRUCTURE --ratio RATIO``
 with ``--select SELECT`` (``--method SELECT`` for ``hidden``); options ``head_share=``, ``damp=``,
-``nsamples=``. Every run: C4 calibration (``--calib``) (``--nsamples`` x ``--seqlen``, seed 0, prunetune's sampler), then
+``nsamples=``, ``seqlen=``. Every run: C4 calibration (``--calib``) (``--nsamples`` x ``--seqlen``, seed 0, prunetune's sampler), then
 WikiText-2 and C4 perplexity over the first ``--ppl-windows`` windows of 512 tokens (the dense model on the
 same windows), parameters, the wall time of the shrink.
 
@@ -50,7 +50,7 @@ def run_shrink(key: str, a, work: Path) -> dict:
     out = work / key.replace(":", "_").replace("+", "-")
     t = time.time()
     common = dict(ratio=float(ratio), out=str(out), calib=a.calib, nsamples=int(kw.get("nsamples", a.nsamples)),
-                  seqlen=a.seqlen, seed=0, overwrite=True, progress=False)
+                  seqlen=int(kw.get("seqlen", a.seqlen)), seed=0, overwrite=True, progress=False)
     if structure == "hidden":
         rep = pt.shrink(a.dense, method=select, **common)
     else:
