@@ -85,8 +85,6 @@ def shrink(model=None, *, ratio: float, out, method: str = "pca", calib: str = "
     and heads — and write the smaller plain checkpoint plus ``shrink_report.json`` to ``out`` (see the module
     docstring). ``select``, ``head_share``, ``damp``, ``resume`` and ``cache_budget`` apply to the unit path;
     ``calib_bos``: BOS in the calibration windows (None: the family's convention, see `data.bos`)."""
-    from ..devices import resolve_device as _device
-    from ..pruning.api import _eval_pair
 
     if structure == "auto":
         return _shrink_auto(model, ratio=ratio, out=out, select=select, damp=damp, calib=calib, nsamples=nsamples,
@@ -99,13 +97,25 @@ def shrink(model=None, *, ratio: float, out, method: str = "pca", calib: str = "
                              batch_size=batch_size, eval_corpora=eval_corpora, eval_seqlen=eval_seqlen,
                              eval_max_windows=eval_max_windows, dtype=dtype, device=device, overwrite=overwrite,
                              progress=progress, resume=resume, cache_budget=cache_budget, calib_bos=calib_bos)
+    return _shrink_hidden(model, ratio=ratio, out=out, method=method, calib=calib, nsamples=nsamples, seqlen=seqlen,
+                          seed=seed, batch_size=batch_size, eval_corpora=eval_corpora, eval_seqlen=eval_seqlen,
+                          eval_max_windows=eval_max_windows, dtype=dtype, device=device, overwrite=overwrite,
+                          calib_bos=calib_bos)
+
+
+def _shrink_hidden(model, *, ratio, out, method, calib, nsamples, seqlen, seed, batch_size, eval_corpora, eval_seqlen,
+                   eval_max_windows, dtype, device, overwrite, calib_bos) -> dict:
+    """``shrink(structure="hidden")``: the whole model loaded, rotated (``pca``) or scored, sliced, written."""
+    from ..devices import resolve_device
+    from ..pruning.api import _eval_pair
+
     if method not in SHRINK_METHODS:
         raise PrunetuneError(f"unknown shrink method '{method}' (use {', '.join(SHRINK_METHODS)})")
     check_ratio(ratio, "--ratio")
     for name, v in (("--nsamples", nsamples), ("--seqlen", seqlen), ("--batch-size", batch_size)):
         if int(v) <= 0:
             raise PrunetuneError(f"{name} must be positive (got {v})")
-    device = _device(device)
+    device = resolve_device(device)
     src = resolve_model(model)
     if src.kind == "local":
         from ..models import preflight
