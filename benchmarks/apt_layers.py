@@ -51,7 +51,14 @@ VARIANTS = {"sparsegpt": ("sparsegpt", {"damp": 0.01}), "apt-sparsegpt": ("apt",
             "apt-admm-row": ("apt", {"select": "admm", "admm_scope": "row", "damp": 0.01}),
             "apt-direct": ("apt", {"select": "sparsegpt", "solver": "direct", "damp": 0.01}),  # exact, SparseGPT's mask
             # the ADMM mask with more dampening (a ridge pulling kept weights toward their values), mask and refit
-            **{f"apt-admm-d{d}": ("apt", {"select": "admm", "damp": float(d)}) for d in ("0.03", "0.1", "0.3", "1")}}
+            **{f"apt-admm-d{d}": ("apt", {"select": "admm", "damp": float(d)}) for d in ("0.03", "0.1", "0.3", "1")},
+            # where the ALPS authors' code differs from APT's ADMM (pruning/admm.py), one choice at a time
+            "apt-admm-iterate": ("apt", {"select": "admm", "damp": 0.01, "admm_support": "iterate"}),
+            "apt-admm-alps-rho": ("apt", {"select": "admm", "damp": 0.01, "admm_schedule": "alps"}),
+            "apt-admm-alps-both": ("apt", {"select": "admm", "damp": 0.01, "admm_support": "iterate",
+                                           "admm_schedule": "alps"}),
+            # the authors' own ALPS_admm (mazumder-lab/ALPS alps.py, --alps-dir) on the same W and H
+            "alps": ("alps", {"damp": 0.01})}
 #: variants whose refit is documented as exact: their float32 result is compared with the float64 direct optimum
 #: for their own mask (``refit_gap``: relative excess of the dampened layer error)
 EXACT = ("apt-admm", "apt-admm-row", "apt-direct", "apt-admm-d0.03")
@@ -91,6 +98,23 @@ def capture(model_dir: str, nsamples: int, seqlen: int, cache: Path, corpora=("c
     return out
 
 
+def alps_reference(alps_dir: Path):
+    """``fn(W, H, spec) -> W'``: the authors' ``ALPS_prune.ALPS_admm`` (rho 0.1, its defaults) on one matrix."""
+    from alps_smollm2 import load_alps, sparsity_args
+
+    mod = load_alps(alps_dir)
+
+    def fn(W, H, spec, **_):
+        lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+        lin.weight.data = W.clone()
+        pr = mod.ALPS_prune(lin, nsamples=1, seqlen=1)
+        pr.XtX = H.float().clone()  # its own damping and normalisation are scale-free
+        pr.ALPS_admm(**sparsity_args(str(spec) if spec.is_nm else str(spec.sparsity)), rho=0.1)
+        return lin.weight.data.clone()
+
+    return fn
+
+
 def refit_gap(W, H, W_new, damp: float) -> float:
     """How far a float32 refit is above the float64 direct optimum for its own mask (H dampened by ``damp``)."""
     from prunetune.pruning.hessian import prepare_hessian
@@ -114,8 +138,10 @@ def main():
     ap.add_argument("--calib", default="c4", help="the corpus of every method's H (the others are scored only)")
     ap.add_argument("--score", nargs="*", default=["wikitext2"], help="other domains, scored only")
     ap.add_argument("--cache", default=None, help="Hessian cache (default: runs/apt_layers/hessians[-CALIB].pt)")
+    ap.add_argument("--alps-dir", default=str(ROOT / "runs" / "ALPS"), help="a checkout of mazumder-lab/ALPS")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "apt_layers_smollm2.json"))
     a = ap.parse_args()
+    alps_fn = alps_reference(Path(a.alps_dir)) if "alps" in a.variants else None
     torch.set_num_threads(a.threads)
     corpora = [a.calib] + [c for c in a.score if c != a.calib]
     cache = a.cache or ROOT / "runs" / "apt_layers" / ("hessians.pt" if a.calib == "c4" else
@@ -144,7 +170,7 @@ def main():
                 for v in variants:
                     name, opts = VARIANTS[v]
                     t = time.perf_counter()
-                    Wn = get_method(name).fn(W, Hc, spec, **opts)
+                    Wn = (alps_fn if name == "alps" else get_method(name).fn)(W, Hc, spec, **opts)
                     dt = time.perf_counter() - t
                     e = {c: layer_error(W.double(), Wn.double(), D[(c, li, n)].double()) for c in corpora}
                     if ref is None:

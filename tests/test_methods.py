@@ -423,6 +423,32 @@ def test_apt_admm_mask_beats_sparsegpts_mask_resolved_and_keeps_the_asked_share(
 
 
 @pytest.mark.parametrize("sp", SPECS)
+@pytest.mark.parametrize("how", [{"admm_support": "iterate"}, {"admm_schedule": "alps"},
+                                 {"admm_support": "iterate", "admm_schedule": "alps"}])
+def test_apt_admm_alps_choices_keep_the_share_and_never_lose_to_sparsegpt(sp, how):
+    """The ALPS code's choices (the mask from the last iterate; its ρ schedule) still give exactly the asked
+    share or valid N:M, and never more layer error than SparseGPT's (the fallback holds)."""
+    W, _, H = problem(21, 32, 64, dtype=torch.float32)
+    spec = parse_sparsity(sp)
+    Hd = prepare_hessian(H, W, APT_DAMP).H
+    out = fn("apt")(W, H, spec, blocksize=16, **how)
+    zeros = out == 0
+    if spec.is_nm:
+        assert is_nm_valid(out, spec.n, spec.m) and int(zeros.sum()) == W.numel() // 2
+    else:
+        assert int(zeros.sum()) == num_pruned(W.numel(), spec.sparsity)
+    e_sg = layer_error(W, fn("sparsegpt")(W, H, spec, blocksize=16, damp=APT_DAMP), Hd)
+    assert layer_error(W, out, Hd) <= e_sg * (1 + 1e-6)
+
+
+def test_admm_choices_are_checked():
+    W, _, H = problem(0, 8, 16, dtype=torch.float32)
+    for opts, needle in (({"admm_support": "b"}, "admm_support"), ({"admm_schedule": "fast"}, "admm_schedule")):
+        with pytest.raises(PrunetuneError, match=needle):
+            fn("apt")(W, H, parse_sparsity("0.5"), **opts)
+
+
+@pytest.mark.parametrize("sp", SPECS)
 def test_apt_sparsegpt_mask_float32_refit_is_within_its_documented_gap_of_the_exact_optimum(sp):
     """select="sparsegpt" (float32, CG from SparseGPT's weights, stopped at an estimated 0.1% gain) ends within
     0.5% of the float64 direct optimum for its own mask (measured 0.07-0.12% on these layers; the docs quote

@@ -109,13 +109,23 @@ def project(X: Tensor, keep: int | None, *, scope: str = "matrix", n: int = 0, m
 
 def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "matrix", n: int = 0, m: int = 0,
               rho: float = 0.1, max_iter: int = 300, check: int = 3, min_iter: int = 30,
-              tol: float = 3e-4) -> tuple[Tensor, Tensor, dict]:
+              tol: float = 3e-4, support: str = "z", schedule: str = "rise") -> tuple[Tensor, Tensor, dict]:
     """``(mask, B', info)``: True = pruned; ``B'`` the last ADMM iterate back in the original coordinates (a
     warm start for the exact refit); ``info``: iterations, final ρ, last support change.
 
     ``H`` must be dampened (positive definite). ``keep``: weights kept (unstructured, per matrix or per row);
     ``n``/``m``: N:M. ``tol``: stop once fewer than this share of the kept entries changed in a check (after
-    ``min_iter``), or when none did."""
+    ``min_iter``), or when none did.
+
+    Two choices where the ALPS authors' code (mazumder-lab/ALPS ``alps.py``) differs, kept selectable to
+    measure them (``benchmarks/apt_layers.py``): ``support`` — the mask is the support of ``Z`` (``"z"``,
+    default) or the projection of the last ``B'`` (``"iterate"``, as ALPS); ``schedule`` — ``"rise"`` (default,
+    above) or ``"alps"``: before ρ ever rose, a small support change divides ρ by 5 and restarts from ``B``, no
+    change divides it by 5 and goes on; once it rose, no change stops."""
+    if support not in ("z", "iterate"):
+        raise ValueError(f"admm support must be 'z' or 'iterate' (got '{support}')")
+    if schedule not in ("rise", "alps"):
+        raise ValueError(f"admm schedule must be 'rise' or 'alps' (got '{schedule}')")
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
     s = H.diagonal().to(dt).clamp_min(torch.finfo(dt).tiny).sqrt()
 
@@ -163,6 +173,14 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
                 rho, rose = rho * 1.3, True
             elif change > 0.005:
                 rho, rose = rho * 1.2, True
+            elif schedule == "alps" and not rose:
+                rho /= 5
+                if changed:  # ALPS: ρ too large for the support to explore: smaller, from the start again
+                    V, S = start()
+                    supp = V != 0
+                    continue
+            elif schedule == "alps" and not changed:
+                break
             elif changed:
                 rho *= 1.1
             elif not rose and not moved_once and rho > 1e-6:
@@ -173,4 +191,6 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
             if it >= min_iter and (changed == 0 or change < tol):
                 break
     del BH, V, L  # B' goes back to the original coordinates in place, with nothing else of its size held
+    if support == "iterate":
+        sel = project(Bp, keep, scope=scope, n=n, m=m)
     return ~sel, Bp.div_(s).to(W.dtype), {"iterations": it, "rho": rho, "last_support_change": change}

@@ -366,7 +366,8 @@ SELECTS = ("sparsegpt", "obs", "best", "admm")
 
 def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = APT_DAMP, blocksize: int = 128,
               select: str = "admm", rounds: int = 1, chunk_rows: int | None = None, solver: str = "auto",
-              maxiter: int = 200, admm_scope: str = "matrix", admm_iter: int = 300) -> Tensor:
+              maxiter: int = 200, admm_scope: str = "matrix", admm_iter: int = 300, admm_support: str = "z",
+              admm_schedule: str = "rise") -> Tensor:
     """See module docstring; returns the new weight."""
     if select not in SELECTS:
         raise PrunetuneError(f"apt: select must be one of {', '.join(SELECTS)} (got '{select}')")
@@ -379,6 +380,10 @@ def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = APT_DAM
     if not admm_ok:
         raise PrunetuneError(f"apt: admm_iter must be a positive integer (got '{admm_iter}')")
     admm_iter = int(admm_iter)
+    if admm_support not in ("z", "iterate"):
+        raise PrunetuneError(f"apt: admm_support must be 'z' or 'iterate' (got '{admm_support}')")
+    if admm_schedule not in ("rise", "alps"):
+        raise PrunetuneError(f"apt: admm_schedule must be 'rise' or 'alps' (got '{admm_schedule}')")
     try:
         rounds = int(rounds)
     except (TypeError, ValueError):
@@ -415,7 +420,8 @@ def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = APT_DAM
             e_sg = float(_row_err(W0, W_sg, prep.H).sum())
             del W_sg
             prep.U = None
-            mask, last = _admm_mask(W0, prep, spec, admm_scope, admm_iter)
+            mask, last = _admm_mask(W0, prep, spec, admm_scope, admm_iter, support=admm_support,
+                                    schedule=admm_schedule)
             W_admm = solve(mask, last, overwrite_x0=True)
             del mask, last
             e_admm = float(_row_err(W0, W_admm, prep.H).sum())
@@ -457,18 +463,18 @@ def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = APT_DAM
 
 
 def _admm_mask(W0: Tensor, prep: PreparedHessian, spec: SparsitySpec, scope: str,
-               max_iter: int) -> tuple[Tensor, Tensor]:
+               max_iter: int, **how) -> tuple[Tensor, Tensor]:
     """The ADMM support for ``spec`` (True = removed, dead inputs removed as well) and ADMM's last iterate
     (the start of the refit's CG)."""
     from ..admm import admm_mask
 
     rows, cols = W0.shape
     if spec.is_nm:
-        mask, last, _ = admm_mask(W0, prep.H, n=spec.n, m=spec.m, max_iter=max_iter)
+        mask, last, _ = admm_mask(W0, prep.H, n=spec.n, m=spec.m, max_iter=max_iter, **how)
     else:
         keep = (rows * cols - num_pruned(rows * cols, spec.sparsity) if scope == "matrix"
                 else cols - num_pruned(cols, spec.sparsity))
-        mask, last, _ = admm_mask(W0, prep.H, keep=keep, scope=scope, max_iter=max_iter)
+        mask, last, _ = admm_mask(W0, prep.H, keep=keep, scope=scope, max_iter=max_iter, **how)
     return mask | prep.dead, last
 
 
@@ -477,7 +483,8 @@ def apt(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = APT_DAMP, blo
     """APT: optimal multiple removal — exact least-squares update of all kept weights for the chosen mask.
 
     Options: ``select`` = "admm" (default: the mask searched by ADMM, ``admm_scope`` "matrix" | "row",
-    ``admm_iter``, then refit exactly; a layer where it loses to SparseGPT takes SparseGPT's mask, refit
+    ``admm_iter``, ``admm_support`` "z" | "iterate", ``admm_schedule`` "rise" | "alps" (`pruning.admm`), then
+    refit exactly; a layer where it loses to SparseGPT takes SparseGPT's mask, refit
     exactly), "sparsegpt" (SparseGPT's mask, weights re-solved by CG to within ~0.2% of the optimum, never worse
     than SparseGPT: the fast choice), "obs" or "best"; ``rounds`` (unstructured "obs" selection, default 1);
     ``chunk_rows`` (rows per batched direct solve); ``solver`` = "auto" (default: batched Cholesky or
@@ -485,7 +492,8 @@ def apt(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = APT_DAMP, blo
     `exact_solve`); ``maxiter`` (CG iterations of select="sparsegpt", default 200); ``damp``; ``blocksize``
     (for SparseGPT's mask).
     """
-    allowed = {"select", "rounds", "chunk_rows", "solver", "maxiter", "admm_scope", "admm_iter"}
+    allowed = {"select", "rounds", "chunk_rows", "solver", "maxiter", "admm_scope", "admm_iter", "admm_support",
+               "admm_schedule"}
     reject_unknown_opts("apt", {k: v for k, v in opts.items() if k not in allowed}, sorted(allowed))
     if spec.is_nm and opts.get("admm_scope", "matrix") != "matrix":
         raise PrunetuneError(f"apt: admm_scope='{opts['admm_scope']}' applies to unstructured sparsity only "
