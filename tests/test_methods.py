@@ -508,7 +508,7 @@ def test_apt_admm_that_loses_to_sparsegpt_falls_back_to_sparsegpts_mask_resolved
     Hd = prepare_hessian(H, W, 0.01).H
     assert layer_error(W, default, Hd) <= layer_error(W, fn("sparsegpt")(W, H, spec, blocksize=16), Hd)
     # a support that removes the largest weights of every row instead of the smallest
-    worst = lambda W0, prep, spec, scope, it: (W0.abs() >= W0.abs().median(dim=1, keepdim=True).values, W0)  # noqa: E731
+    worst = lambda W0, prep, spec, scope, it, **how: (W0.abs() >= W0.abs().median(dim=1, keepdim=True).values, W0)  # noqa: E731
     monkeypatch.setattr(apt_module, "_admm_mask", worst)
     torch.testing.assert_close(fn("apt")(W, H, spec, blocksize=16, select="admm"), default, rtol=0, atol=0)
 
