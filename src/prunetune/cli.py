@@ -43,8 +43,20 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"prunetune {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true", help="more logging")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    _add_eval(sub)
+    _add_prune(sub, prune_methods)
+    _add_shrink(sub)
+    _add_tune(sub)
+    _add_merge(sub)
+    _add_convert(sub)
+    _add_bench(sub)
+    _add_report(sub)
+    _add_demo(sub)
+    return ap
 
-    # eval ------------------------------------------------------------------------------------
+
+def _add_eval(sub) -> None:
+    """``prunetune eval``."""
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model", formatter_class=_Help,
                        description="Perplexity over non-overlapping windows of a corpus (mean NLL of every predicted "
                                    "token, exponentiated) and zero-shot multiple-choice accuracy through "
@@ -65,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks-dir", default=None, help="folder with the task .jsonl files (default: the data folder's tasks/)")
     p.add_argument("--out", default=None, help="write the result JSON here")
 
-    # prune -----------------------------------------------------------------------------------
+
+def _add_prune(sub, prune_methods) -> None:
+    """``prunetune prune``."""
     p = sub.add_parser("prune", help="one-shot pruning: " + ", ".join(prune_methods()), formatter_class=_Help,
                        description="Prune every linear of every decoder layer, layer by layer with calibration data, "
                                    "and write a plain HF checkpoint + prune_report.json.")
@@ -104,7 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue a killed run from its last finished layer (kept in the hidden .<out>.partial folder)")
 
-    # shrink ----------------------------------------------------------------------------------
+
+def _add_shrink(sub) -> None:
+    """``prunetune shrink``."""
     from .structured.api import SHRINK_METHODS
 
     p = sub.add_parser("shrink", help="one-shot structured shrink: a plain model with a smaller hidden size",
@@ -149,7 +165,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (written in one rename at the end)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
-    # tune ------------------------------------------------------------------------------------
+
+def _add_tune(sub) -> None:
+    """``prunetune tune``."""
     from .tuning.base import available, get_method
 
     methods = available()
@@ -229,7 +247,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the interrupted run of the same settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    # merge -----------------------------------------------------------------------------------
+
+def _add_merge(sub) -> None:
+    """``prunetune merge``."""
     p = sub.add_parser("merge", help="turn tune adapters into a plain HF checkpoint", formatter_class=_Help,
                        description="Merge the adapters of a 'prunetune tune' output into a plain Hugging Face "
                                    "checkpoint: spp -> merged sparse (same zero pattern, checked), lora -> W + BA, "
@@ -247,7 +267,9 @@ def _parser() -> argparse.ArgumentParser:
                         "dense checkpoint serving engines load)")
     p.add_argument("--overwrite", action="store_true")
 
-    # convert ----------------------------------------------------------------------------------
+
+def _add_convert(sub) -> None:
+    """``prunetune convert``."""
     p = sub.add_parser("convert", help="rewrite a checkpoint dense or with its sparse matrices compressed",
                        formatter_class=_Help,
                        description="Rewrite a local safetensors checkpoint: --save-format dense (what transformers "
@@ -258,7 +280,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-format", required=True, choices=("dense", "compressed"))
     p.add_argument("--overwrite", action="store_true")
 
-    # bench ------------------------------------------------------------------------------------
+
+def _add_bench(sub) -> None:
+    """``prunetune bench``."""
     p = sub.add_parser("bench", help="prefill/decode speed, memory, size: models side by side, interleaved",
                        formatter_class=_Help,
                        description="Speed and memory of one or more models, measured interleaved with repetitions; "
@@ -278,7 +302,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default auto)")
     p.add_argument("--out", default=None, help="write the result JSON here")
 
-    # report -----------------------------------------------------------------------------------
+
+def _add_report(sub) -> None:
+    """``prunetune report``."""
     p = sub.add_parser("report", help="Markdown tables and PNG plots from result JSONs", formatter_class=_Help,
                        description="Turn prunetune eval / prune / bench results (and benchmark result files) into "
                                    "report.md with tables and PNG plots: perplexity vs sparsity per method, accuracy "
@@ -286,14 +312,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+", help="result JSON files or prune output folders")
     p.add_argument("--out", required=True, help="folder for report.md and the plots")
 
-    # demo ------------------------------------------------------------------------------------
+
+def _add_demo(sub) -> None:
+    """``prunetune demo``."""
     p = sub.add_parser("demo", help="prune the bundled stories260K with every method and print before/after",
                        formatter_class=_Help,
                        description="The main job on the embedded default model; runs offline in about a minute.")
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt,apt")
     p.add_argument("--sparsity", nargs="*", default=["0.5", "2:4"])
     p.add_argument("--out", default=None, help="keep the pruned checkpoints here (default: a temp dir)")
-    return ap
 
 
 def _cmd_demo(a):
