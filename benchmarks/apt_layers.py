@@ -57,6 +57,9 @@ VARIANTS = {"sparsegpt": ("sparsegpt", {"damp": 0.01}), "apt-sparsegpt": ("apt",
             "apt-admm-alps-rho": ("apt", {"select": "admm", "damp": 0.01, "admm_schedule": "alps"}),
             "apt-admm-alps-both": ("apt", {"select": "admm", "damp": 0.01, "admm_support": "iterate",
                                            "admm_schedule": "alps"}),
+            "apt-admm-dual": ("apt", {"select": "admm", "damp": 0.01, "admm_dual": "rescale"}),
+            "apt-admm-dual-alps": ("apt", {"select": "admm", "damp": 0.01, "admm_dual": "rescale",
+                                           "admm_schedule": "alps", "admm_support": "iterate"}),
             **{f"apt-admm-cg{k}": ("apt", {"select": "admm", "damp": 0.01, "refit_iter": k}) for k in (3, 10, 30)},
             # the authors' own ALPS_admm (mazumder-lab/ALPS alps.py, --alps-dir) on the same W and H
             "alps": ("alps", {"damp": 0.01})}

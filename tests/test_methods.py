@@ -424,7 +424,8 @@ def test_apt_admm_mask_beats_sparsegpts_mask_resolved_and_keeps_the_asked_share(
 
 @pytest.mark.parametrize("sp", SPECS)
 @pytest.mark.parametrize("how", [{"admm_support": "iterate"}, {"admm_schedule": "alps"},
-                                 {"admm_support": "iterate", "admm_schedule": "alps"}, {"refit_iter": 10}])
+                                 {"admm_support": "iterate", "admm_schedule": "alps"}, {"refit_iter": 10},
+                                 {"admm_dual": "rescale"}])
 def test_apt_admm_alps_choices_keep_the_share_and_never_lose_to_sparsegpt(sp, how):
     """The ALPS code's choices (the mask from the last iterate; its ρ schedule; a refit of a few CG iterations)
     still give exactly the asked
@@ -445,7 +446,7 @@ def test_apt_admm_alps_choices_keep_the_share_and_never_lose_to_sparsegpt(sp, ho
 def test_admm_choices_are_checked():
     W, _, H = problem(0, 8, 16, dtype=torch.float32)
     for opts, needle in (({"admm_support": "b"}, "admm_support"), ({"admm_schedule": "fast"}, "admm_schedule"),
-                         ({"refit_iter": 0}, "refit_iter")):
+                         ({"refit_iter": 0}, "refit_iter"), ({"admm_dual": "x"}, "admm_dual")):
         with pytest.raises(PrunetuneError, match=needle):
             fn("apt")(W, H, parse_sparsity("0.5"), **opts)
 

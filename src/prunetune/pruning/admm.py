@@ -109,7 +109,8 @@ def project(X: Tensor, keep: int | None, *, scope: str = "matrix", n: int = 0, m
 
 def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "matrix", n: int = 0, m: int = 0,
               rho: float = 0.1, max_iter: int = 300, check: int = 3, min_iter: int = 30,
-              tol: float = 3e-4, support: str = "z", schedule: str = "rise") -> tuple[Tensor, Tensor, dict]:
+              tol: float = 3e-4, support: str = "z", schedule: str = "rise",
+              dual: str = "keep") -> tuple[Tensor, Tensor, dict]:
     """``(mask, B', info)``: True = pruned; ``B'`` the last ADMM iterate back in the original coordinates (a
     warm start for the exact refit); ``info``: iterations, final ρ, last support change.
 
@@ -121,11 +122,15 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
     measure them (``benchmarks/apt_layers.py``): ``support`` — the mask is the support of ``Z`` (``"z"``,
     default) or the projection of the last ``B'`` (``"iterate"``, as ALPS); ``schedule`` — ``"rise"`` (default,
     above) or ``"alps"``: before ρ ever rose, a small support change divides ρ by 5 and restarts from ``B``, no
-    change divides it by 5 and goes on; once it rose, no change stops."""
+    change divides it by 5 and goes on; once it rose, no change stops; ``dual`` — when ρ changes, the scaled
+    dual ``U`` is kept (``"keep"``, default) or rescaled by ``ρ_old/ρ_new`` so the unscaled dual ``ρU`` carries
+    over (``"rescale"``: the textbook rule for a varying penalty, and what ALPS's unscaled ``V`` does)."""
     if support not in ("z", "iterate"):
         raise ValueError(f"admm support must be 'z' or 'iterate' (got '{support}')")
     if schedule not in ("rise", "alps"):
         raise ValueError(f"admm schedule must be 'rise' or 'alps' (got '{schedule}')")
+    if dual not in ("keep", "rescale"):
+        raise ValueError(f"admm dual must be 'keep' or 'rescale' (got '{dual}')")
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
     s = H.diagonal().to(dt).clamp_min(torch.finfo(dt).tiny).sqrt()
 
@@ -164,6 +169,7 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
         V.masked_fill_(S, 0.0).add_(Bp)  # V = U + B'
         S = sel = project(V, keep, scope=scope, n=n, m=m)
         if it % check == 0:
+            rho_was = rho
             changed = int(torch.count_nonzero(sel != supp))
             change = changed / kept
             supp = sel
@@ -188,6 +194,8 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
                 V, S = start()
                 continue
             rho = min(rho, 1e6)
+            if dual == "rescale" and rho != rho_was:  # the unscaled dual ρU is what carries over
+                torch.where(S, V, V * (rho_was / rho), out=V)
             if it >= min_iter and (changed == 0 or change < tol):
                 break
     del BH, V, L  # B' goes back to the original coordinates in place, with nothing else of its size held

@@ -367,7 +367,7 @@ SELECTS = ("sparsegpt", "obs", "best", "admm")
 def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = APT_DAMP, blocksize: int = 128,
               select: str = "admm", rounds: int = 1, chunk_rows: int | None = None, solver: str = "auto",
               maxiter: int = 200, admm_scope: str = "matrix", admm_iter: int = 300, admm_support: str = "z",
-              admm_schedule: str = "rise", refit_iter: int | None = None) -> Tensor:
+              admm_schedule: str = "rise", admm_dual: str = "keep", refit_iter: int | None = None) -> Tensor:
     """See module docstring; returns the new weight."""
     if select not in SELECTS:
         raise PrunetuneError(f"apt: select must be one of {', '.join(SELECTS)} (got '{select}')")
@@ -384,6 +384,8 @@ def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = APT_DAM
         raise PrunetuneError(f"apt: admm_support must be 'z' or 'iterate' (got '{admm_support}')")
     if admm_schedule not in ("rise", "alps"):
         raise PrunetuneError(f"apt: admm_schedule must be 'rise' or 'alps' (got '{admm_schedule}')")
+    if admm_dual not in ("keep", "rescale"):
+        raise PrunetuneError(f"apt: admm_dual must be 'keep' or 'rescale' (got '{admm_dual}')")
     if refit_iter is not None and (not str(refit_iter).isdigit() or int(refit_iter) < 1):
         raise PrunetuneError(f"apt: refit_iter must be a positive integer (got '{refit_iter}')")
     try:
@@ -423,7 +425,7 @@ def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = APT_DAM
             del W_sg
             prep.U = None
             mask, last = _admm_mask(W0, prep, spec, admm_scope, admm_iter, support=admm_support,
-                                    schedule=admm_schedule)
+                                    schedule=admm_schedule, dual=admm_dual)
             if refit_iter is None:
                 W_admm = solve(mask, last, overwrite_x0=True)
             else:  # stopped early from ADMM's iterate, as the ALPS code's 10 CG iterations
@@ -489,7 +491,7 @@ def apt(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = APT_DAMP, blo
     """APT: optimal multiple removal — exact least-squares update of all kept weights for the chosen mask.
 
     Options: ``select`` = "admm" (default: the mask searched by ADMM, ``admm_scope`` "matrix" | "row",
-    ``admm_iter``, ``admm_support`` "z" | "iterate", ``admm_schedule`` "rise" | "alps" (`pruning.admm`), then
+    ``admm_iter``, ``admm_support`` "z" | "iterate", ``admm_schedule`` "rise" | "alps", ``admm_dual`` "keep" | "rescale" (`pruning.admm`), then
     refit exactly, or with ``refit_iter`` CG iterations from ADMM's iterate (approximate, as the ALPS code); a layer where it loses to SparseGPT takes SparseGPT's mask, refit
     exactly), "sparsegpt" (SparseGPT's mask, weights re-solved by CG to within ~0.2% of the optimum, never worse
     than SparseGPT: the fast choice), "obs" or "best"; ``rounds`` (unstructured "obs" selection, default 1);
@@ -499,7 +501,7 @@ def apt(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = APT_DAMP, blo
     (for SparseGPT's mask).
     """
     allowed = {"select", "rounds", "chunk_rows", "solver", "maxiter", "admm_scope", "admm_iter", "admm_support",
-               "admm_schedule", "refit_iter"}
+               "admm_schedule", "admm_dual", "refit_iter"}
     reject_unknown_opts("apt", {k: v for k, v in opts.items() if k not in allowed}, sorted(allowed))
     if spec.is_nm and opts.get("admm_scope", "matrix") != "matrix":
         raise PrunetuneError(f"apt: admm_scope='{opts['admm_scope']}' applies to unstructured sparsity only "
