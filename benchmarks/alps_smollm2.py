@@ -17,7 +17,8 @@ their script, neither touching the maths: ``alps.py`` is read from the checkout 
 becomes the CPU (its ``torch.cuda.synchronize()`` a no-op), and the layer inputs and arguments come from
 prunetune's adapter (transformers 5: ``position_embeddings``, ``use_cache=False``, no cache object — their
 driver's ``attention_mask``/``position_ids`` calling convention is gone). ``apt`` / ``sparsegpt`` are
-``prunetune.prune`` with defaults (``apt:damp=0.01`` or ``apt:true_sequential=0`` pass options). Results are written after every
+``prunetune.prune`` with defaults (``apt:damp=0.01``, ``apt:true_sequential=0``, ``apt:admm_dual=rescale`` pass
+options; anything but ``damp`` and ``true_sequential`` is a ``--method-opt``). Results are written after every
 run; a run already in the file is skipped, so a killed benchmark continues where it stopped.
 """
 
@@ -114,12 +115,18 @@ def run_alps(setting: str, a, out: Path) -> dict:
 
 def run_prunetune(method: str, setting: str, a, out: Path) -> dict:
     name, *opts = method.split(":")
-    kw = {k: (v not in ("0", "false") if k == "true_sequential" else float(v))
-          for k, v in (o.split("=", 1) for o in opts)}
+    kw, method_opts = {}, {}
+    for k, v in (o.split("=", 1) for o in opts):
+        if k == "true_sequential":
+            kw[k] = v not in ("0", "false")
+        elif k == "damp":
+            kw[k] = float(v)
+        else:  # a method option, as --method-opt KEY=VALUE
+            method_opts[k] = v
     sp = setting if ":" in setting else float(setting)
     t0 = time.time()
     rep = pt.prune(a.dense, method=name, sparsity=sp, out=str(out), calib="c4", nsamples=a.nsamples,
-                   seqlen=a.seqlen, seed=0, overwrite=True, progress=False, **kw)
+                   seqlen=a.seqlen, seed=0, overwrite=True, progress=False, method_opts=method_opts, **kw)
     return {"prune_s": round(time.time() - t0, 1), "calibration": rep["manifest"].get("calibration"),
             "mean_rel_error": sum(r["rel_error"] for r in rep["layers"]) / len(rep["layers"]),
             "sparsity": rep["total"]["sparsity_of_pruned_matrices"]}
