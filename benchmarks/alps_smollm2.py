@@ -19,7 +19,8 @@ prunetune's adapter (transformers 5: ``position_embeddings``, ``use_cache=False`
 driver's ``attention_mask``/``position_ids`` calling convention is gone). ``apt`` / ``sparsegpt`` are
 ``prunetune.prune`` with defaults (``apt:damp=0.01``, ``apt:true_sequential=0``, ``apt:admm_dual=rescale`` pass
 options; anything but ``damp`` and ``true_sequential`` is a ``--method-opt``). Results are written after every
-run; a run already in the file is skipped, so a killed benchmark continues where it stopped.
+run; a run already in the file is skipped and a killed prunetune prune resumes from its journal, so a killed
+benchmark continues where it stopped.
 """
 
 from __future__ import annotations
@@ -124,9 +125,11 @@ def run_prunetune(method: str, setting: str, a, out: Path) -> dict:
         else:  # a method option, as --method-opt KEY=VALUE
             method_opts[k] = v
     sp = setting if ":" in setting else float(setting)
+    resume = (out.parent / f".{out.name}.partial" / "resume" / "journal.json").is_file()  # a killed prune goes on
     t0 = time.time()
     rep = pt.prune(a.dense, method=name, sparsity=sp, out=str(out), calib="c4", nsamples=a.nsamples,
-                   seqlen=a.seqlen, seed=0, overwrite=True, progress=False, method_opts=method_opts, **kw)
+                   seqlen=a.seqlen, seed=0, overwrite=True, progress=False, method_opts=method_opts,
+                   resume=resume, **kw)
     return {"prune_s": round(time.time() - t0, 1), "calibration": rep["manifest"].get("calibration"),
             "mean_rel_error": sum(r["rel_error"] for r in rep["layers"]) / len(rep["layers"]),
             "sparsity": rep["total"]["sparsity_of_pruned_matrices"]}
