@@ -17,15 +17,13 @@ model already in ``--out`` is skipped, so a killed run continues.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 import prunetune as pt  # noqa: E402
 from prunetune.evaluation.zeroshot import paired_difference  # noqa: E402
-from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
+from bench_common import ResultFile, run_protocol  # noqa: E402
 
 TASKS = ["arc_easy", "piqa", "winogrande", "boolq", "openbookqa"]
 PRUNED = {"apt-2:4": "2:4", "apt-50%": "0.5"}
@@ -57,31 +55,29 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     evals.mkdir(parents=True, exist_ok=True)
     models = dict(m.split("=", 1) for m in a.models) if a.models else default_models(work)
-    res = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
-    res["protocol"] = {"tasks": a.tasks, "limit": a.limit, "batch_size": 16, "models": models,
-                       "paired": "per-document difference against the first model; resolved when |mean| >= 1.96 "
-                                 "stderr of the mean difference",
-                       "versions": versions(), "machine": machine(), "command": "python " + " ".join(sys.argv)}
+    rf = ResultFile(out, run_protocol("zeroshot_smollm2.py", tasks=a.tasks, limit=a.limit, batch_size=16,
+                                      models=models,
+                                      paired="per-document difference against the first model; resolved when "
+                                             "|mean| >= 1.96 stderr of the mean difference"))
     for label, path in models.items():
-        if label in res["runs"]:
+        if rf.done(label):
             continue
         ensure_pruned(label, Path(path), models["dense"] if "dense" in models else next(iter(models.values())))
         print("==", label, flush=True)
         ev = pt.evaluate(path, ppl=[], tasks=a.tasks, limit=a.limit, batch_size=16, device="cpu",
                          out=str(evals / f"{label.replace(':', 'of').replace('%', '')}.json"), progress=False)
         z = ev["zeroshot"]
-        res["runs"][label] = {"path": path, "tasks": z["tasks"], "average": z["average"],
-                              "wall_s": ev["manifest"]["wall_time_s"]}
-        write_json_atomic(out, res)
+        rf.record(label, {"path": path, "tasks": z["tasks"], "average": z["average"],
+                          "wall_s": ev["manifest"]["wall_time_s"]})
     first = next(iter(models))
-    for label, r in res["runs"].items():
+    for label, r in list(rf.runs.items()):
         if label == first:
             continue
-        r["paired_vs_" + first] = {t: paired_difference(r["tasks"][t]["correct"], res["runs"][first]["tasks"][t]["correct"])
+        r["paired_vs_" + first] = {t: paired_difference(r["tasks"][t]["correct"], rf.runs[first]["tasks"][t]["correct"])
                                    for t in a.tasks if t in r["tasks"]}
+        rf.record(label, r)
         print(label, {t: (round(d["diff"], 4), round(d["stderr"], 4), "noise" if d["within_noise"] else "RESOLVED")
                       for t, d in r["paired_vs_" + first].items()})
-    write_json_atomic(out, res)
 
 
 if __name__ == "__main__":
