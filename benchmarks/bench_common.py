@@ -40,6 +40,8 @@ class ResultFile:
 
     def __init__(self, path, protocol: dict | None = None):
         self.path = Path(path)
+        # the protocol is rewritten by each invocation, so every row also keeps the command that made it
+        self.command = (protocol or {}).get("command")
         self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"runs": {}}
         self.data.setdefault("runs", {})
         if protocol is not None:
@@ -57,6 +59,8 @@ class ResultFile:
 
     def record(self, key: str, row: dict) -> dict:
         self.done(key)  # merge what other processes wrote meanwhile
+        if self.command and "command" not in row:
+            row = {**row, "command": self.command}
         self.data["runs"][key] = row
         self._write()
         return row
