@@ -7,7 +7,7 @@
 Each step is the CLI in a fresh process (small budgets: this checks that the commands work on the family, the
 quality numbers are in ``prune_smollm2.py --model models/gemma-3-270m``): its exit code, its last output
 lines (or its one error line), wall time. A step whose input a failed step should have made is skipped. A step
-already in ``--out`` is not run again, so a killed run continues where it stopped.
+that ran or refused (exit 0 or 2) in ``--out`` is not run again, so a killed run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main():
     res = {"protocol": {"model": a.model, "versions": versions(), "machine": machine(),
                         "command": "python " + " ".join(sys.argv)}, "steps": {}}
     for name, args, needs in steps(a.model, w, data):
-        if "rc" in old.get(name, {}):  # ran (or refused) in an earlier part
+        if old.get(name, {}).get("rc") in (0, 2):  # ran, or refused in one line, in an earlier part
             res["steps"][name] = old[name]
             continue
         if needs and not (w / needs / "config.json").is_file() and not (w / needs / "adapters").is_dir():

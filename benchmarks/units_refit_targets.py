@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -140,7 +139,6 @@ def main():
             r = pt.evaluate(str(path), ppl=["wikitext2", "c4"], seqlen=512, max_windows=a.ppl_windows, device="cpu",
                             progress=False)
             row["ppl"] = {c: v["ppl"] for c, v in r["perplexity"].items()}
-            shutil.rmtree(path, ignore_errors=True) if key != "dense" else None
         rf.record(key, row)
         print(key, row["ppl"], flush=True)
 

@@ -26,6 +26,16 @@ from torch import Tensor
 from .masks import _lowest_mask, row_chunks
 
 SCOPES = ("matrix", "row")
+#: the choices where the ALPS authors' code differs (see `admm_mask`), default first
+CHOICES = {"support": ("z", "iterate"), "schedule": ("rise", "alps"), "dual": ("keep", "rescale")}
+
+
+def bad_choice(**given) -> str | None:
+    """The first of ``support`` / ``schedule`` / ``dual`` given a value outside `CHOICES`, said in one line."""
+    for name, value in given.items():
+        if value not in CHOICES[name]:
+            return f"{name} must be {' or '.join(repr(c) for c in CHOICES[name])} (got '{value}')"
+    return None
 
 
 def _drop_flat(x: Tensor, drop: int) -> Tensor:
@@ -125,12 +135,9 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
     change divides it by 5 and goes on; once it rose, no change stops; ``dual`` — when ρ changes, the scaled
     dual ``U`` is kept (``"keep"``, default) or rescaled by ``ρ_old/ρ_new`` so the unscaled dual ``ρU`` carries
     over (``"rescale"``: the textbook rule for a varying penalty, and what ALPS's unscaled ``V`` does)."""
-    if support not in ("z", "iterate"):
-        raise ValueError(f"admm support must be 'z' or 'iterate' (got '{support}')")
-    if schedule not in ("rise", "alps"):
-        raise ValueError(f"admm schedule must be 'rise' or 'alps' (got '{schedule}')")
-    if dual not in ("keep", "rescale"):
-        raise ValueError(f"admm dual must be 'keep' or 'rescale' (got '{dual}')")
+    bad = bad_choice(support=support, schedule=schedule, dual=dual)
+    if bad:
+        raise ValueError(f"admm {bad}")
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
     s = H.diagonal().to(dt).clamp_min(torch.finfo(dt).tiny).sqrt()
 

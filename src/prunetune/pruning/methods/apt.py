@@ -380,12 +380,11 @@ def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = APT_DAM
     if not admm_ok:
         raise PrunetuneError(f"apt: admm_iter must be a positive integer (got '{admm_iter}')")
     admm_iter = int(admm_iter)
-    if admm_support not in ("z", "iterate"):
-        raise PrunetuneError(f"apt: admm_support must be 'z' or 'iterate' (got '{admm_support}')")
-    if admm_schedule not in ("rise", "alps"):
-        raise PrunetuneError(f"apt: admm_schedule must be 'rise' or 'alps' (got '{admm_schedule}')")
-    if admm_dual not in ("keep", "rescale"):
-        raise PrunetuneError(f"apt: admm_dual must be 'keep' or 'rescale' (got '{admm_dual}')")
+    from ..admm import bad_choice
+
+    bad = bad_choice(support=admm_support, schedule=admm_schedule, dual=admm_dual)
+    if bad:
+        raise PrunetuneError(f"apt: admm_{bad}")
     if refit_iter is not None and (not str(refit_iter).isdigit() or int(refit_iter) < 1):
         raise PrunetuneError(f"apt: refit_iter must be a positive integer (got '{refit_iter}')")
     try:
