@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -37,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 import torch  # noqa: E402
 
 from prunetune.io import load_model  # noqa: E402
-from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
 from prunetune.pruning.hessian import layer_error  # noqa: E402
 from prunetune.pruning.masks import parse_sparsity  # noqa: E402
 from prunetune.pruning.methods import get_method  # noqa: E402
+from bench_common import ResultFile, run_protocol  # noqa: E402
 
 LAYERS = [0, 8, 16, 24, 29]
 LINEARS = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
@@ -151,17 +150,12 @@ def main():
     cache = a.cache or ROOT / "runs" / "apt_layers" / ("hessians.pt" if a.calib == "c4" else
                                                         f"hessians-{a.calib}-{a.nsamples}x{a.seqlen}.pt")
     D = capture(a.model, a.nsamples, a.seqlen, Path(cache), corpora)
-    out = Path(a.out)
-    res = json.loads(out.read_text()) if out.is_file() else {"settings": {}}
-    res["protocol"] = {"model": a.model, "layers": LAYERS, "linears": LINEARS,
-                       "hessian": f"dense-model inputs, {a.nsamples} x {a.seqlen} tokens, seed 0; {a.calib} = "
-                                  f"calibration (every method's H), {', '.join(corpora[1:])} = other domains (scored "
-                                  "only)",
-                       "dtype": "float32", "damp": "0.01 unless the variant says otherwise", "blocksize": 128,
-                       "threads": a.threads,
-                       "variants": {k: {"method": m, **o} for k, (m, o) in VARIANTS.items() if k in a.variants},
-                       "versions": versions(), "machine": machine(),
-                       "command": " ".join(["python", "benchmarks/apt_layers.py", *sys.argv[1:]])}
+    res = ResultFile(a.out, run_protocol(
+        "apt_layers.py", model=a.model, layers=LAYERS, linears=LINEARS,
+        hessian=f"dense-model inputs, {a.nsamples} x {a.seqlen} tokens, seed 0; {a.calib} = calibration (every "
+                f"method's H), {', '.join(corpora[1:])} = other domains (scored only)",
+        dtype="float32", damp="0.01 unless the variant says otherwise", blocksize=128, threads=a.threads,
+        variants={k: {"method": m, **o} for k, (m, o) in VARIANTS.items() if k in a.variants}), rows="settings")
     for sp in a.settings:
         spec = parse_sparsity(sp)
         # a per-row scope does not apply to N:M (every group is its own row already)
@@ -192,14 +186,12 @@ def main():
                       flush=True)
         k = len(rows)
         first = variants[0]
-        res["settings"][sp] = {
+        row = res.record(sp, {
             "mean_error_vs_" + first: {v: {c: sums[v][c] / k for c in corpora} for v in variants},
             "time_vs_" + first: {v: times[v] / times[first] for v in variants},
             "time_s": {v: round(times[v], 2) for v in variants},
-            "refit_gap_mean_max": {v: [sum(g) / len(g), max(g)] for v, g in gaps.items()}, "layers": rows}
-        write_json_atomic(out, res)
-        print(sp, json.dumps({kk: vv for kk, vv in res["settings"][sp].items() if kk != "layers"}), flush=True)
-
+            "refit_gap_mean_max": {v: [sum(g) / len(g), max(g)] for v, g in gaps.items()}, "layers": rows})
+        print(sp, json.dumps({kk: vv for kk, vv in row.items() if kk not in ("layers", "command")}), flush=True)
 
 if __name__ == "__main__":
     main()

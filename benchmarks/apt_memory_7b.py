@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from prunetune.manifest import machine, versions, write_json_atomic
+from bench_common import run_protocol
+from prunetune.manifest import write_json_atomic
 from prunetune.pruning.admm import admm_mask
 from prunetune.pruning.hessian import prepare_hessian
 from prunetune.pruning.masks import num_pruned, parse_sparsity
@@ -74,9 +74,8 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(1)
     spec = parse_sparsity(a.sparsity)
-    res = {"protocol": {"shapes": {k: SHAPES[k] for k in a.shapes}, "sparsity": a.sparsity, "dtype": "float32",
-                        "admm_iter": a.admm_iter, "threads": 1, "versions": versions(), "machine": machine(),
-                        "command": " ".join(["python", "benchmarks/apt_memory_7b.py", *sys.argv[1:]])}}
+    res = {"protocol": run_protocol("apt_memory_7b.py", shapes={k: SHAPES[k] for k in a.shapes}, sparsity=a.sparsity,
+                                    dtype="float32", admm_iter=a.admm_iter, threads=1)}
     for name in a.shapes:
         rows, cols = SHAPES[name]
         g = torch.Generator().manual_seed(0)

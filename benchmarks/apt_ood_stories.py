@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 import prunetune as pt  # noqa: E402
-from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
 from prunetune.paths import DEFAULT_MODEL  # noqa: E402
+from bench_common import ResultFile, run_protocol  # noqa: E402
 
 #: "apt" in results made before APT's default became select="admm" is "apt-sparsegpt" here
 #: name -> (method, options, dampening)
@@ -48,14 +47,13 @@ def main():
     ap.add_argument("--wikitext-windows", type=int, default=64)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "apt_ood_stories.json"))
     a = ap.parse_args()
-    res = {"protocol": {"model": "stories260K (bundled)", "calibration": f"tinystories {a.nsamples} x {a.seqlen}, "
-                        "seed 0", "perplexity": f"256-token windows: tinystories all, wikitext2 first "
-                        f"{a.wikitext_windows}",
-                        "variants": {k: {"method": m, **o, "damp": d} for k, (m, o, d) in VARIANTS.items()},
-                        "versions": versions(), "machine": machine(),
-                        "command": " ".join(["python", "benchmarks/apt_ood_stories.py", *sys.argv[1:]])},
-           "dense": None, "settings": {}}
-    res["dense"] = ppl(DEFAULT_MODEL, a)
+    res = ResultFile(a.out, run_protocol(
+        "apt_ood_stories.py", model="stories260K (bundled)",
+        calibration=f"tinystories {a.nsamples} x {a.seqlen}, seed 0",
+        perplexity=f"256-token windows: tinystories all, wikitext2 first {a.wikitext_windows}",
+        variants={k: {"method": m, **o, "damp": d} for k, (m, o, d) in VARIANTS.items()}), rows="settings")
+    dense = ppl(DEFAULT_MODEL, a)
+    res.set("dense", dense)
     with tempfile.TemporaryDirectory() as td:
         for sp in a.settings:
             row = {}
@@ -65,10 +63,9 @@ def main():
                                nsamples=a.nsamples, seqlen=a.seqlen, damp=damp, device="cpu", progress=False,
                                method_opts=opts)
                 row[v] = {**ppl(d, a), "wall_s": rep["manifest"]["wall_time_s"], "total": rep["total"]}
-            res["settings"][sp] = row
+            res.record(sp, row)
             print(sp, json.dumps(row), flush=True)
-    write_json_atomic(Path(a.out), res)
-    print(json.dumps(res["dense"]))
+    print(json.dumps(dense))
 
 
 if __name__ == "__main__":

@@ -34,42 +34,59 @@ def run_protocol(script: str, **fields) -> dict:
 
 
 class ResultFile:
-    """A benchmark's JSON result file: ``{"protocol": ..., "runs": {key: row}}``, written atomically after
-    every run. Several processes may share one file, so each write re-reads it and adds only its own rows; a run
-    already in the file is done, which is how a killed benchmark continues where it stopped."""
+    """A benchmark's JSON result file: ``{"protocol": ..., ROWS: {key: row}}`` (``ROWS`` is ``runs`` unless the
+    script names its rows otherwise, e.g. ``settings``), written atomically after every run. Several processes
+    may share one file, so each write re-reads it and adds only its own rows; a run already in the file is done,
+    which is how a killed benchmark continues where it stopped. Only the standard library, so a script that runs
+    in another venv (vLLM's) records the same way."""
 
-    def __init__(self, path, protocol: dict | None = None):
+    def __init__(self, path, protocol: dict | None = None, rows: str = "runs"):
         self.path = Path(path)
+        self.rows = rows
         # the protocol is rewritten by each invocation, so every row also keeps the command that made it
         self.command = (protocol or {}).get("command")
-        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"runs": {}}
-        self.data.setdefault("runs", {})
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {rows: {}}
+        self.data.setdefault(rows, {})
         if protocol is not None:
             self.data["protocol"] = protocol
             self._write()
 
     @property
     def runs(self) -> dict:
-        return self.data["runs"]
+        return self.data[self.rows]
 
     def done(self, key: str) -> bool:
         if self.path.is_file():
-            self.data["runs"] = {**json.loads(self.path.read_text()).get("runs", {}), **self.data["runs"]}
-        return key in self.data["runs"]
+            self.data[self.rows] = {**json.loads(self.path.read_text()).get(self.rows, {}), **self.data[self.rows]}
+        return key in self.data[self.rows]
 
     def record(self, key: str, row: dict) -> dict:
         self.done(key)  # merge what other processes wrote meanwhile
         if self.command and "command" not in row:
             row = {**row, "command": self.command}
-        self.data["runs"][key] = row
+        self.data[self.rows][key] = row
         self._write()
         return row
 
+    def set(self, field: str, value) -> None:
+        """A top-level entry beside the protocol and the rows (e.g. the dense model's own measurements)."""
+        self.data[field] = value
+        self._write()
+
     def _write(self) -> None:
-        from prunetune.manifest import write_json_atomic
+        import os
+        import tempfile
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path, self.data)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.data, f, indent=2, default=str)
+                f.write("\n")
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def ensure_model(path) -> Path:

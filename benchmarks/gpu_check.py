@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_common import ResultFile, run_protocol  # noqa: E402
 from memory_7b import CONFIG, write_checkpoint  # noqa: E402
 
 #: --smoke: the same steps at shapes a CPU runs in seconds (checks the script, measures nothing of interest)
@@ -169,12 +170,10 @@ def main():
     a = ap.parse_args()
     if a.smoke:
         a.repeats, a.warmup = 2, 1
-    from prunetune.manifest import machine, versions, write_json_atomic
-
-    res = {"device": a.device, "smoke": a.smoke, "versions": versions(), "machine": machine(), "steps": {}}
+    gpu = {}
     if a.device.startswith("cuda"):
-        res["gpu"] = torch.cuda.get_device_name(0)
-        res["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        gpu = {"gpu": torch.cuda.get_device_name(0), "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32)}
+    res = ResultFile(a.out, run_protocol("gpu_check.py", device=a.device, smoke=a.smoke, **gpu), rows="steps")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)
         for name in a.steps.split(","):
@@ -195,11 +194,10 @@ def main():
                 traceback.print_exc()
                 r = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
             r["step_wall_time_s"] = round(time.time() - t0, 1)
-            res["steps"][name] = r
-            write_json_atomic(Path(a.out), res)  # what is done so far survives a kill at the time limit
+            res.record(name, r)  # what is done so far survives a kill at the time limit
             if a.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    print(json.dumps({k: v.get("error", "ok") for k, v in res["steps"].items()}))
+    print(json.dumps({k: v.get("error", "ok") for k, v in res.runs.items()}))
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def main():
                   "peak_rss_bytes": int(report["manifest"]["peak_rss_mb"] * 2 ** 20), "peak_rss_bytes_ru_maxrss": peak})
     res = {
         "checkpoint": "Llama-2-7B shapes, random bf16 weights", "layers": a.layers, "checkpoint_bytes": size,
-        "command": " ".join(c for c in cmd[1:] if c != "--resume"),
+        "prune_command": " ".join(c for c in cmd[1:] if c != "--resume"),
         "prune_wall_time_s": round(sum(p["wall_time_s"] for p in parts), 1),
         # CPU seconds of the prune, unlike its wall time not lengthened by other jobs on the machine
         "prune_cpu_time_s": round(sum(p["cpu_time_s"] for p in parts), 1), "write_time_s": round(t_write, 1),
@@ -141,9 +141,10 @@ def main():
     own = max(p["peak_rss_bytes"] for p in parts)
     res.update(peak_rss_bytes=int(own), peak_rss_share_of_checkpoint=round(own / size, 4),
                pruned_report_total=report["total"], activation_cache=report.get("activation_cache"))
-    from prunetune.manifest import machine, versions, write_json_atomic
+    from bench_common import run_protocol
+    from prunetune.manifest import write_json_atomic
 
-    res.update(versions=versions(), machine=machine())
+    res.update(run_protocol("memory_7b.py"))  # versions, machine and this script's command line
     dest = a.out or (ROOT / "benchmarks" / "results" / "memory_7b.json" if a.layers == CONFIG["num_hidden_layers"]
                      else None)  # a shallower check prints its numbers but keeps the 7B result
     if dest:

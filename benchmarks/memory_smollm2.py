@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
+from bench_common import ResultFile, run_protocol  # noqa: E402
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec from the parent's mapped pages (the parent
 # that built a 268M-parameter model reported its own 2 GB for both children); VmHWM is the exec'd process's own.
@@ -80,11 +80,9 @@ def main():
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_smollm2.json"))
     a = ap.parse_args()
-    out = Path(a.out)
-    res = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
-    res["protocol"] = {"threads": a.threads, "versions": versions(), "machine": machine(),
-                       "command": " ".join(["python", "benchmarks/memory_smollm2.py", *sys.argv[1:]]),
-                       "peak": "VmHWM of a child process that runs the prunetune CLI (its own high-water RSS)"}
+    res = ResultFile(a.out, run_protocol(
+        "memory_smollm2.py", threads=a.threads,
+        peak="VmHWM of a child process that runs the prunetune CLI (its own high-water RSS)"))
     with tempfile.TemporaryDirectory() as td:
         work = Path(a.work or td)
         if "vocab" in a.parts:
@@ -93,13 +91,12 @@ def main():
                                             "--max-windows", "8", "--batch-size", "8", "--device", "cpu",
                                             "--out", work / f"eval-{vocab}.json"], a.threads)
                 ev = json.loads((work / f"eval-{vocab}.json").read_text())
-                res["runs"][f"eval-vocab-{vocab}"] = {
-                    "model": "random Gemma-3-270M shape", "vocab": int(vocab), "peak_rss_mb": round(peak / 1024, 1),
-                    "wall_s": round(wall, 1), "parameters": ev["manifest"]["model"]["parameters"],
-                    "protocol": ev["perplexity"]["wikitext2"]["protocol"]["windows"] + ", batch 8 x 512, BOS "
-                                + ev["perplexity"]["wikitext2"]["protocol"]["bos"]}
-                write_json_atomic(out, res)
-                print(f"eval-vocab-{vocab}", res["runs"][f"eval-vocab-{vocab}"], flush=True)
+                row = {"model": "random Gemma-3-270M shape", "vocab": int(vocab), "peak_rss_mb": round(peak / 1024, 1),
+                       "wall_s": round(wall, 1), "parameters": ev["manifest"]["model"]["parameters"],
+                       "protocol": ev["perplexity"]["wikitext2"]["protocol"]["windows"] + ", batch 8 x 512, BOS "
+                                   + ev["perplexity"]["wikitext2"]["protocol"]["bos"]}
+                res.record(f"eval-vocab-{vocab}", row)
+                print(f"eval-vocab-{vocab}", row, flush=True)
         if "tune" in a.parts:
             for method, extra in (("lora", []), ("pat", ["--ratio", "0.25"])):
                 for ckpt in (False, True):
@@ -112,13 +109,13 @@ def main():
                     peak, wall, _ = child(args, a.threads)
                     rep = json.loads((d / "tune_report.json").read_text())
                     steps = [h["step_s"] for h in rep["history"][1:]]
-                    res["runs"][key] = {"method": method, "gradient_checkpointing": ckpt, "steps": a.steps,
-                                        "batch": "8 x 128 Alpaca tokens", "peak_rss_mb": round(peak / 1024, 1),
-                                        "report_peak_rss_mb": rep["manifest"]["peak_rss_mb"],
-                                        "step_s_median": statistics.median(steps) if steps else None}
-                    write_json_atomic(out, res)
-                    print(key, res["runs"][key], flush=True)
-    print(json.dumps(res["runs"], indent=1))
+                    row = {"method": method, "gradient_checkpointing": ckpt, "steps": a.steps,
+                           "batch": "8 x 128 Alpaca tokens", "peak_rss_mb": round(peak / 1024, 1),
+                           "report_peak_rss_mb": rep["manifest"]["peak_rss_mb"],
+                           "step_s_median": statistics.median(steps) if steps else None}
+                    res.record(key, row)
+                    print(key, row, flush=True)
+    print(json.dumps(res.runs, indent=1))
 
 
 if __name__ == "__main__":

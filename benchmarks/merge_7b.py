@@ -195,7 +195,8 @@ def main():
                     help="load each merged output with transformers and run one forward (shallow checkpoints)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    from prunetune.manifest import machine, versions, write_json_atomic
+    from bench_common import run_protocol
+    from prunetune.manifest import write_json_atomic
 
     base, work = Path(a.base).resolve(), Path(a.work).resolve()
     t0 = time.time()
@@ -243,7 +244,7 @@ def main():
         if not a.keep:
             shutil.rmtree(out)
             shutil.rmtree(adir)
-        res.update(versions=versions(), machine=machine())
+        res.update(run_protocol("merge_7b.py"))  # versions, machine, this script's command line
         if a.out:  # after each method: a long run that stops keeps what it measured
             write_json_atomic(Path(a.out), res)
     print(json.dumps({m: {k: v[k] for k in ("peak_rss_mb", "peak_rss_share_of_checkpoint", "merge_wall_time_s")}

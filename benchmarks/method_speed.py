@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
 from prunetune.pruning.hessian import relative_layer_error
 from prunetune.pruning.masks import parse_sparsity
 from prunetune.pruning.methods import get_method
+from bench_common import ResultFile, run_protocol  # noqa: E402
 from reference_sparsegpt import fasterprune  # noqa: E402
 
 SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
@@ -62,10 +62,9 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/method_speed.json")
     a = ap.parse_args()
     damp = {"reference": 0.01, **{m: get_method(m).damp for m in ("sparsegpt", "apt")}}  # each method's default
-    res = {"protocol": {"shapes": SHAPES, "tokens": a.tokens, "damp": damp, "blocksize": 128, "repeats": a.repeats,
-                        "H": "2/N X^T X of correlated synthetic activations", "versions": versions(), "machine": machine(),
-                        "command": " ".join(["python", "benchmarks/method_speed.py", *sys.argv[1:]])},
-           "results": {}}
+    res = ResultFile(a.out, run_protocol("method_speed.py", shapes=SHAPES, tokens=a.tokens, damp=damp, blocksize=128,
+                                         repeats=a.repeats, H="2/N X^T X of correlated synthetic activations"),
+                     rows="results")
     Hs = {n: make_h(n_in, a.tokens, i) for i, (n, (_, n_in)) in enumerate(SHAPES.items())}
     for setting in a.settings:
         spec = parse_sparsity(setting)
@@ -86,10 +85,8 @@ def main():
         row["sparsegpt_vs_reference_time"] = row["sparsegpt"] / row["reference"]
         row["apt_vs_sparsegpt_time"] = row["apt"] / row["sparsegpt"]
         row["apt_vs_sparsegpt_error"] = row["err"]["apt"] / row["err"]["sparsegpt"]
-        res["results"][setting] = row
+        res.record(setting, row)
         print(setting, row, flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(a.out, res)
 
 
 if __name__ == "__main__":

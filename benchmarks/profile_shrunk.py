@@ -14,7 +14,6 @@ speed-up and the ideal ``d / k`` is attributed to named operations. Result: benc
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -111,7 +110,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=9, help="profiled forwards per model, alternating")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile_shrunk.json"))
     a = ap.parse_args()
-    from prunetune.manifest import machine, versions, write_json_atomic
+    from bench_common import run_protocol
+    from prunetune.manifest import write_json_atomic
 
     pair = profile_pair(a.dense, a.shrunk, a.batch_size, a.seq_len, a.repeats)
     dense, shrunk = pair["dense"], pair["shrunk"]
@@ -121,10 +121,10 @@ def main():
         rows[g] = {"dense_ms": dm, "shrunk_ms": sm, "dense_share": dm / dense["total_ms"],
                    "speedup": dm / sm if sm else None}
     ideal = dense["hidden_size"] / shrunk["hidden_size"]
-    res = {"protocol": {"batch_size": a.batch_size, "seq_len": a.seq_len, "repeats": a.repeats, "dtype": "float32",
-                        "device": "cpu", "timer": "torch.profiler self CPU time per forward; dense and shrunk alternate, median over repeats",
-                        "threads": torch.get_num_threads(), "versions": versions(), "machine": machine(),
-                        "command": " ".join(["python", "benchmarks/profile_shrunk.py", *sys.argv[1:]])},
+    res = {"protocol": run_protocol(
+               "profile_shrunk.py", batch_size=a.batch_size, seq_len=a.seq_len, repeats=a.repeats, dtype="float32",
+               device="cpu", threads=torch.get_num_threads(),
+               timer="torch.profiler self CPU time per forward; dense and shrunk alternate, median over repeats"),
            "ideal_speedup": ideal, "speedup_total": dense["total_ms"] / shrunk["total_ms"], "groups": rows,
            "dense": dense, "shrunk": shrunk}
     write_json_atomic(Path(a.out), res)

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 import prunetune as pt  # noqa: E402
-from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
+from bench_common import ResultFile, run_protocol  # noqa: E402
 
 SPECS = {"50%": ("0.5", "float32"), "70%": ("0.7", "float32"), "2:4": ("2:4", "float32"),
          "50% bf16": ("0.5", "bfloat16")}
@@ -120,11 +120,12 @@ def main():
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     ref = reference_code(work)
-    res = {"protocol": {"model": Path(a.dense).name, "pruned_by": "magnitude", "versions": versions(),
-                        "machine": machine(), "command": "python " + " ".join(sys.argv)},
-           "dense_model": {"weight_file_bytes": weight_bytes(Path(a.dense)), "load": load_stats(Path(a.dense), "float32")},
-           "runs": {}}
+    res = ResultFile(a.out, run_protocol("sparse_storage.py", model=Path(a.dense).name, pruned_by="magnitude"))
+    res.set("dense_model", {"weight_file_bytes": weight_bytes(Path(a.dense)),
+                            "load": load_stats(Path(a.dense), "float32")})
     for label, (sp, dtype) in SPECS.items():
+        if res.done(label):
+            continue
         tag = label.replace("%", "").replace(":", "of").replace(" ", "-")
         dense, comp = work / f"dense-{tag}", work / f"comp-{tag}"
         t = time.time()
@@ -137,10 +138,8 @@ def main():
                    load_dense=load_stats(dense, dtype), load_compressed=load_stats(comp, dtype),
                    round_trip=bit_equal(dense, comp, dtype),
                    reference=json.loads(sh(sys.executable, "-c", REFERENCE, ref, dense, comp).strip().splitlines()[-1]))
-        res["runs"][label] = row
+        res.record(label, row)
         print(label, json.dumps({k: row[k] for k in ("matrix_ratio", "checkpoint_ratio", "round_trip", "reference")}))
-        write_json_atomic(a.out, res)
-
 
 if __name__ == "__main__":
     main()

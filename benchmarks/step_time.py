@@ -13,9 +13,7 @@ Ratios are to LoRA r=8.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 import torch  # noqa: E402
 
 import prunetune as pt  # noqa: E402
-from prunetune.manifest import machine, versions, write_json_atomic  # noqa: E402
-from prunetune.paths import data_dir  # noqa: E402
+from prunetune.manifest import write_json_atomic  # noqa: E402
+from bench_common import c4_train_file, run_protocol  # noqa: E402
 
 CONFIGS = {
     "lora r=8": ("lora", {}),
@@ -47,14 +45,11 @@ def main():
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    src = data_dir() / "c4" / "c4_validation_2k.jsonl"
     times: dict[str, list[float]] = {k: [] for k in CONFIGS}
     trainable: dict[str, int] = {}
     t0 = time.time()
     with tempfile.TemporaryDirectory() as td:
-        data = Path(td) / "train.jsonl"
-        lines = src.read_text(encoding="utf-8").splitlines()[1000:1200]
-        data.write_text("\n".join(json.dumps({"text": json.loads(l)["text"]}) for l in lines) + "\n")
+        data = c4_train_file("1000-1199", td)
         for _ in range(a.rounds):
             for name, (method, kw) in CONFIGS.items():
                 rep = pt.tune(a.model, method=method, data=str(data), out=Path(td) / "run", seq_len=a.seq_len,
@@ -64,13 +59,14 @@ def main():
                 trainable[name] = rep["trainable_parameters"]
                 print(name, [round(h["step_s"], 2) for h in rep["history"]], flush=True)
     base = statistics.median(times["lora r=8"])
-    res = {"model": a.model, "steps": a.steps, "rounds": a.rounds, "batch_size": a.batch_size, "seq_len": a.seq_len,
-           "threads": torch.get_num_threads(), "data": "C4 validation documents 1000-1199, packed text windows",
+    # flat, as the committed result: the settings, versions, machine and command beside the results
+    res = {**run_protocol("step_time.py", model=a.model, steps=a.steps, rounds=a.rounds, batch_size=a.batch_size,
+                          seq_len=a.seq_len, threads=torch.get_num_threads(),
+                          data="C4 validation documents 1000-1199, packed text windows"),
            "results": {k: {"step_s_median": statistics.median(v), "steps_timed": len(v),
                            "trainable_parameters": trainable[k], "x_lora": statistics.median(v) / base}
                        for k, v in times.items()},
-           "versions": versions(), "machine": machine(), "wall_time_s": round(time.time() - t0, 1),
-           "command": " ".join(["python", "benchmarks/step_time.py", *sys.argv[1:]])}
+           "wall_time_s": round(time.time() - t0, 1)}
     write_json_atomic(Path(a.out), res)
     for k, v in res["results"].items():
         print(f"| {k} | {v['trainable_parameters']:,} | {v['step_s_median']:.2f} | {v['x_lora']:.2f} |")

@@ -10,9 +10,10 @@ transformers'.
 Protocol: ``--prompts`` prompts (the first lines of WikiText-2 test with at least 40 characters, cut to 32
 words), ``--max-tokens`` new tokens each (``ignore_eos``, temperature 0), all submitted at once; one warm-up
 ``generate`` of the same batch, then ``--repeats`` timed ones: throughput = generated tokens / wall seconds
-(median). Each model runs in a fresh subprocess (one engine per process), the models alternate for each
-repeat set, and the CPU threads are ``--threads``. A model vLLM cannot load is recorded with its error: for a
-prunetune output that is a bug in the writer.
+(median). Each model runs in a fresh subprocess (one engine per process), one after another in the order given,
+with ``--threads`` CPU threads; every call measures all its models again, and each row keeps the first model it
+was compared with. A model vLLM cannot load is recorded with its error: for a prunetune output that is a bug in
+the writer.
 """
 
 from __future__ import annotations
@@ -87,19 +88,30 @@ def main():
     if a.one:
         print("RESULT " + json.dumps(one(a.one, a)), flush=True)
         return
+    import torch
+    import vllm
+
+    from bench_common import ResultFile
+
+    res = ResultFile(a.out, {"prompts": a.prompts, "max_tokens": a.max_tokens, "repeats": a.repeats,
+                             "threads": a.threads, "dtype": "float32", "enforce_eager": True,
+                             "vllm": vllm.__version__, "torch": torch.__version__,
+                             "command": " ".join(["python", "benchmarks/vllm_serve.py", *sys.argv[1:]])})
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads),
                VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
-    rows = []
+    rows = []  # measured again on every call: a ratio compares models measured side by side, never across calls
     for m in a.models:
         t = time.time()
         p = subprocess.run([sys.executable, __file__, "--one", m, "--prompts", str(a.prompts), "--max-tokens",
-                            str(a.max_tokens), "--repeats", str(a.repeats), "--memory-share", str(a.memory_share)], capture_output=True, text=True, env=env)
-        res = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-        if p.returncode != 0 or not res:
-            err = [l for l in p.stderr.splitlines() if l.strip()][-3:]
+                            str(a.max_tokens), "--repeats", str(a.repeats), "--memory-share", str(a.memory_share)],
+                           capture_output=True, text=True, env=env)
+        out = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+        if p.returncode != 0 or not out:
+            err = [line for line in p.stderr.splitlines() if line.strip()][-3:]
             rows.append({"model": m, "loaded": False, "error": " | ".join(err)})
         else:
-            rows.append({"loaded": True, **json.loads(res[0][len("RESULT "):]), "process_wall_s": round(time.time() - t, 1)})
+            rows.append({"loaded": True, **json.loads(out[0][len("RESULT "):]),
+                         "process_wall_s": round(time.time() - t, 1)})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "greedy_tokens"}), flush=True)
     first = rows[0]
     if first.get("loaded"):
@@ -109,18 +121,11 @@ def main():
     for r in rows[1:]:
         if r.get("loaded") and first.get("loaded"):
             r["throughput_vs_first"] = r["tokens_per_s"] / first["tokens_per_s"]
-    import vllm
-    import torch
-
-    result = {"protocol": {"prompts": a.prompts, "max_tokens": a.max_tokens, "repeats": a.repeats,
-                           "threads": a.threads, "dtype": "float32", "enforce_eager": True,
-                           "vllm": vllm.__version__, "torch": torch.__version__,
-                           "command": " ".join(sys.argv)}, "runs": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+            r["first"] = first["model"]
+    for r in rows:
+        res.record(r["model"], r)
     print(json.dumps([{k: r.get(k) for k in ("model", "loaded", "tokens_per_s", "throughput_vs_first",
                                                "greedy_matches_transformers")} for r in rows], indent=1))
-
 
 if __name__ == "__main__":
     main()

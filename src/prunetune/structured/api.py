@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -74,6 +75,46 @@ def shrink_model(model, ratio: float, *, method: str = "pca", calib=None) -> tup
     return small, info
 
 
+@dataclass(frozen=True)
+class ShrinkJob:
+    """What a shrink was asked to do, gathered once from ``shrink()``'s arguments: the three flows (hidden,
+    units, auto) read only this. Each flow checks the fields it uses, in the order the user meets them."""
+
+    model: object
+    ratio: float
+    out: object
+    structure: str = "hidden"
+    method: str = "pca"              # hidden channels: pca | activation | magnitude
+    select: str = "obs"              # units: how neurons and heads are chosen
+    head_share: float | None = None
+    damp: float = 0.01
+    calib: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 8
+    calib_bos: str | None = None
+    eval_corpora: tuple | list | None = None
+    eval_seqlen: int = 512
+    eval_max_windows: int | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+    resume: bool = False
+    cache_budget: object = "auto"
+
+    def prune_kwargs(self, **override) -> dict:
+        """What prune's driver takes for a unit shrink (everything but the model, the plan and ``out``)."""
+        kw = dict(calib=self.calib, nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed,
+                  batch_size=self.batch_size, eval_corpora=self.eval_corpora, eval_seqlen=self.eval_seqlen,
+                  eval_max_windows=self.eval_max_windows, dtype=self.dtype, device=self.device,
+                  overwrite=self.overwrite, progress=self.progress, resume=self.resume,
+                  cache_budget=self.cache_budget, calib_bos=self.calib_bos)
+        kw.update(override)
+        return kw
+
+
 def shrink(model=None, *, ratio: float, out, method: str = "pca", calib: str = "c4", nsamples: int = 128,
            seqlen: int = 2048, seed: int = 0, batch_size: int = 8, eval_corpora=None, eval_seqlen: int = 512,
            eval_max_windows: int | None = None, dtype: str = "float32", device: str | None = None,
@@ -85,68 +126,62 @@ def shrink(model=None, *, ratio: float, out, method: str = "pca", calib: str = "
     and heads — and write the smaller plain checkpoint plus ``shrink_report.json`` to ``out`` (see the module
     docstring). ``select``, ``head_share``, ``damp``, ``resume`` and ``cache_budget`` apply to the unit path;
     ``calib_bos``: BOS in the calibration windows (None: the family's convention, see `data.bos`)."""
-
+    job = ShrinkJob(model, ratio, out, structure, method, select, head_share, damp, calib, nsamples, seqlen, seed,
+                    batch_size, calib_bos, eval_corpora, eval_seqlen, eval_max_windows, dtype, device, overwrite,
+                    progress, resume, cache_budget)
     if structure == "auto":
-        return _shrink_auto(model, ratio=ratio, out=out, select=select, damp=damp, calib=calib, nsamples=nsamples,
-                            seqlen=seqlen, seed=seed, batch_size=batch_size, eval_corpora=eval_corpora,
-                            eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, dtype=dtype, device=device,
-                            overwrite=overwrite, progress=progress, cache_budget=cache_budget, calib_bos=calib_bos)
+        return _shrink_auto(job)
     if structure != "hidden":
-        return _shrink_units(model, ratio=ratio, out=out, structure=structure, select=select, head_share=head_share,
-                             damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                             batch_size=batch_size, eval_corpora=eval_corpora, eval_seqlen=eval_seqlen,
-                             eval_max_windows=eval_max_windows, dtype=dtype, device=device, overwrite=overwrite,
-                             progress=progress, resume=resume, cache_budget=cache_budget, calib_bos=calib_bos)
-    return _shrink_hidden(model, ratio=ratio, out=out, method=method, calib=calib, nsamples=nsamples, seqlen=seqlen,
-                          seed=seed, batch_size=batch_size, eval_corpora=eval_corpora, eval_seqlen=eval_seqlen,
-                          eval_max_windows=eval_max_windows, dtype=dtype, device=device, overwrite=overwrite,
-                          calib_bos=calib_bos)
+        return _shrink_units(job)
+    return _shrink_hidden(job)
 
 
-def _shrink_hidden(model, *, ratio, out, method, calib, nsamples, seqlen, seed, batch_size, eval_corpora, eval_seqlen,
-                   eval_max_windows, dtype, device, overwrite, calib_bos) -> dict:
+def _shrink_hidden(job: ShrinkJob) -> dict:
     """``shrink(structure="hidden")``: the whole model loaded, rotated (``pca``) or scored, sliced, written."""
     from ..devices import resolve_device
     from ..pruning.api import _eval_pair
 
+    method, ratio = job.method, job.ratio
     if method not in SHRINK_METHODS:
         raise PrunetuneError(f"unknown shrink method '{method}' (use {', '.join(SHRINK_METHODS)})")
     check_ratio(ratio, "--ratio")
-    for name, v in (("--nsamples", nsamples), ("--seqlen", seqlen), ("--batch-size", batch_size)):
+    for name, v in (("--nsamples", job.nsamples), ("--seqlen", job.seqlen), ("--batch-size", job.batch_size)):
         if int(v) <= 0:
             raise PrunetuneError(f"{name} must be positive (got {v})")
-    device = resolve_device(device)
-    src = resolve_model(model)
+    device = resolve_device(job.device)
+    src = resolve_model(job.model)
     if src.kind == "local":
         from ..models import preflight
 
         preflight(src.path)
-    out_path = check_output_dir(out, overwrite=overwrite, inputs=(src.home if src.kind != "hub" else None,))
+    out_path = check_output_dir(job.out, overwrite=job.overwrite,
+                                inputs=(src.home if src.kind != "hub" else None,))
     t_start = time.time()
     with measure() as meas:
-        net, tok, model_info = load_model(src.spec, dtype=dtype, device=device)
+        net, tok, model_info = load_model(src.spec, dtype=job.dtype, device=device)
         check_sliceable(net, "shrinking the hidden size")
         calib_ids, calib_protocol = None, None
         if method != "magnitude":
             limit = max_positions(net.config)
-            seqlen = min(int(seqlen), limit) if limit else int(seqlen)
-            ids, calib_protocol = sample_calibration(tok, calib, int(nsamples), seqlen, seed,
-                                                     bos=calib_bos or family_bos(net.config.model_type))
-            calib_ids = list(ids.split(int(batch_size)))
+            seqlen = min(int(job.seqlen), limit) if limit else int(job.seqlen)
+            ids, calib_protocol = sample_calibration(tok, job.calib, int(job.nsamples), seqlen, job.seed,
+                                                     bos=job.calib_bos or family_bos(net.config.model_type))
+            calib_ids = list(ids.split(int(job.batch_size)))
         small, info = shrink_model(net, ratio, method=method, calib=calib_ids)
         del net
-        with atomic_output_dir(out_path, overwrite=overwrite) as tmp:
+        with atomic_output_dir(out_path, overwrite=job.overwrite) as tmp:
             small.save_pretrained(str(tmp))
             tok.save_pretrained(str(tmp))
             report = {"shrink": info, "model": model_info, "calibration": calib_protocol,
                       "parameters": {"before": model_info.get("parameters"),
                                      "after": sum(p.numel() for p in small.parameters())}}
             report["manifest"] = {"tool": "prunetune", "command": "shrink", "method": method, "ratio": ratio,
-                                  "dtype": dtype, "device": device, "versions": versions(), "machine": machine(),
+                                  "dtype": job.dtype, "device": device, "versions": versions(), "machine": machine(),
                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)),
                                   "wall_time_s": round(time.time() - t_start, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
-            if eval_corpora:
-                report["eval"] = _eval_pair(src.spec, tmp, eval_corpora, eval_seqlen, eval_max_windows, dtype, device)
+            if job.eval_corpora:
+                report["eval"] = _eval_pair(src.spec, tmp, job.eval_corpora, job.eval_seqlen, job.eval_max_windows,
+                                            job.dtype, device)
             (tmp / REPORT).write_text(json.dumps(report, indent=2, default=str) + "\n")
             write_manifest(tmp, {"tool": "prunetune", "command": "shrink", "method": method, "ratio": ratio,
                                  "source_model": src.location()})
@@ -177,13 +212,13 @@ def _config_of(src):
         raise PrunetuneError(f"cannot read the config of '{src.spec}': {str(e).splitlines()[0]}") from None
 
 
-def _shrink_units(model, *, ratio, out, structure, select, head_share, damp, **kw) -> dict:
+def _shrink_units(job: ShrinkJob) -> dict:
     """``shrink(structure=mlp|heads|mlp+heads)``: the plan from the config (checked before any weight is read),
     then prune's layer-by-layer driver with the unit remover in place of a pruning method."""
     from ..pruning.api import prune
     from .neurons import geometry, plan_for_ratio
 
-    src = resolve_model(model)
+    src = resolve_model(job.model)
     config = _config_of(src)
     if src.kind == "local":
         from ..models import preflight
@@ -193,10 +228,11 @@ def _shrink_units(model, *, ratio, out, structure, select, head_share, damp, **k
             from ..models import get_adapter
 
             geometry(config, get_adapter(meta))
-    if float(damp) < 0:
-        raise PrunetuneError(f"--damp must be non-negative (got {damp})")
-    plan = plan_for_ratio(config, ratio, structure, head_share=head_share, select=select, damp=float(damp))
-    report = prune(src.spec, method="units", sparsity=None, out=out, units=plan, **kw)
+    if float(job.damp) < 0:
+        raise PrunetuneError(f"--damp must be non-negative (got {job.damp})")
+    plan = plan_for_ratio(config, job.ratio, job.structure, head_share=job.head_share, select=job.select,
+                          damp=float(job.damp))
+    report = prune(src.spec, method="units", sparsity=None, out=job.out, units=plan, **job.prune_kwargs())
     report["summary_table"] = units_summary(report)
     return report
 
@@ -214,8 +250,7 @@ def held_out_loss(model_dir, calib: str, nsamples: int, seqlen: int, seed: int, 
     return {"loss": total / ids.shape[0], "windows": proto}
 
 
-def _shrink_auto(model, *, ratio, out, select, damp, calib, nsamples, seqlen, seed, eval_corpora, eval_seqlen,
-                 eval_max_windows, dtype, device, overwrite, **kw) -> dict:
+def _shrink_auto(job: ShrinkJob) -> dict:
     """``shrink(structure="auto")``: every mix of ``AUTO_HEAD_SHARES``, the best on held-out windows published.
     Finished candidates stay in ``.<out>.auto`` until the end, so a killed search goes on where it stopped."""
     import shutil
@@ -225,10 +260,12 @@ def _shrink_auto(model, *, ratio, out, select, damp, calib, nsamples, seqlen, se
     from ..pruning.api import _eval_pair, prune
     from .neurons import params_removed_share, plan_for_ratio
 
-    device = resolve_device(device)
-    src = resolve_model(model)
+    ratio, select, damp, calib = job.ratio, job.select, job.damp, job.calib
+    nsamples, seqlen, seed, dtype = job.nsamples, job.seqlen, job.seed, job.dtype
+    device = resolve_device(job.device)
+    src = resolve_model(job.model)
     config = _config_of(src)
-    out_path = check_output_dir(out, overwrite=overwrite, inputs=(src.home if src.kind != "hub" else None,))
+    out_path = check_output_dir(job.out, overwrite=job.overwrite, inputs=(src.home if src.kind != "hub" else None,))
     plans = []
     for share in AUTO_HEAD_SHARES:
         try:
@@ -248,10 +285,11 @@ def _shrink_auto(model, *, ratio, out, select, damp, calib, nsamples, seqlen, se
         key = json.dumps([src.location(), plan.describe(), calib, nsamples, seqlen, seed, dtype], default=str)
         d = work / f"mix-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
         if not (d / "shrink_report.json").is_file():
-            prune(src.spec, method="units", sparsity=None, out=str(d), units=plan, overwrite=True, calib=calib,
-                  nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype, device=device, **kw)
-        score = held_out_loss(d, calib, HELD_OUT_WINDOWS, seqlen, seed + HELD_OUT_SEED, dtype, device,
-                              kw.get("calib_bos"))
+            # each candidate is evaluated once, after the choice; its folder is written afresh
+            prune(src.spec, method="units", sparsity=None, out=str(d), units=plan,
+                  **job.prune_kwargs(overwrite=True, resume=False, device=device, eval_corpora=None,
+                                   eval_max_windows=None))
+        score = held_out_loss(d, calib, HELD_OUT_WINDOWS, seqlen, seed + HELD_OUT_SEED, dtype, device, job.calib_bos)
         alts.append({"head_share_asked": share, "structure": str(plan),
                      "decoder_linear_weights_removed_share": params_removed_share(config, plan),
                      "held_out_loss": score["loss"], "dir": d})
@@ -262,10 +300,11 @@ def _shrink_auto(model, *, ratio, out, select, damp, calib, nsamples, seqlen, se
         "criterion": f"mean loss on {HELD_OUT_WINDOWS} held-out {calib} windows of {seqlen} tokens "
                      f"(seed {seed + HELD_OUT_SEED})", "chosen": best["structure"],
         "alternatives": [{k: v for k, v in a.items() if k != "dir"} for a in alts]}
-    if eval_corpora:
-        report["eval"] = _eval_pair(src.spec, best["dir"], eval_corpora, eval_seqlen, eval_max_windows, dtype, device)
+    if job.eval_corpora:
+        report["eval"] = _eval_pair(src.spec, best["dir"], job.eval_corpora, job.eval_seqlen, job.eval_max_windows,
+                                    dtype, device)
     rpath.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    publish_dir(best["dir"], out_path, overwrite=overwrite)
+    publish_dir(best["dir"], out_path, overwrite=job.overwrite)
     shutil.rmtree(work, ignore_errors=True)
     report["summary_table"] = units_summary(report) + "\nwhere to cut: " + ", ".join(
         f"{a['structure']} loss {a['held_out_loss']:.4f}{' (chosen)' if a is best else ''}" for a in alts)
