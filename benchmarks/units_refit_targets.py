@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,9 +31,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from bench_common import ResultFile, ensure_model, run_protocol  # noqa: E402
+from bench_common import ResultFile, ensure_model, perplexity_runs, run_protocol  # noqa: E402
 
-import prunetune as pt  # noqa: E402
 from prunetune.data.calibration import sample_calibration  # noqa: E402
 from prunetune.models.registry import get_adapter  # noqa: E402
 from prunetune.structured.units import select_units  # noqa: E402
@@ -126,22 +124,14 @@ def main():
                                         calibration=f"c4 {a.nsamples} x {a.seqlen}, seed 0",
                                         ppl=f"first {a.ppl_windows} windows of 512 tokens: wikitext2, c4"))
     ensure_model(a.dense)
-    for key in ["dense"] + a.runs:
-        if rf.done(key):
-            continue
-        with tempfile.TemporaryDirectory(dir=ROOT / "runs") as tmp:
-            row = {}
-            path = a.dense
-            if key != "dense":
-                target, ridge, *alpha = key.split(":")
-                path = Path(tmp) / "m"
-                row = shrink(a, target, ridge, float(alpha[0]) if alpha else 1.0, path)
-            r = pt.evaluate(str(path), ppl=["wikitext2", "c4"], seqlen=512, max_windows=a.ppl_windows, device="cpu",
-                            progress=False)
-            row["ppl"] = {c: v["ppl"] for c, v in r["perplexity"].items()}
-        rf.record(key, row)
-        print(key, row["ppl"], flush=True)
 
+    def make(key, tmp):
+        if key == "dense":
+            return a.dense, {}
+        target, ridge, *alpha = key.split(":")
+        return tmp / "m", shrink(a, target, ridge, float(alpha[0]) if alpha else 1.0, tmp / "m")
+
+    perplexity_runs(rf, ["dense"] + a.runs, make, windows=a.ppl_windows, work=ROOT / "runs")
 
 if __name__ == "__main__":
     main()
