@@ -27,7 +27,10 @@ from bench_common import ResultFile, run_protocol  # noqa: E402
 #: name -> (method, options, dampening)
 VARIANTS = {"sparsegpt": ("sparsegpt", {}, 0.01), "apt-sparsegpt": ("apt", {"select": "sparsegpt"}, 0.01),
             "apt-admm": ("apt", {"select": "admm"}, 0.01), "apt-admm-d0.03": ("apt", {"select": "admm"}, 0.03),
-            "apt-admm-d0.1": ("apt", {"select": "admm"}, 0.1)}
+            "apt-admm-d0.1": ("apt", {"select": "admm"}, 0.1),
+            # the ADMM dual carried over unscaled when ρ changes (as the ALPS code; BENCHMARKS §13)
+            "apt-admm-rescale": ("apt", {"select": "admm", "admm_dual": "rescale"}, 0.01),
+            "apt-admm-rescale-d0.03": ("apt", {"select": "admm", "admm_dual": "rescale"}, 0.03)}
 
 
 def ppl(model, a) -> dict:
@@ -46,23 +49,29 @@ def main():
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--wikitext-windows", type=int, default=64)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "apt_ood_stories.json"))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="run these; a setting's other variants already in --out are kept")
     a = ap.parse_args()
     res = ResultFile(a.out, run_protocol(
         "apt_ood_stories.py", model="stories260K (bundled)",
         calibration=f"tinystories {a.nsamples} x {a.seqlen}, seed 0",
         perplexity=f"256-token windows: tinystories all, wikitext2 first {a.wikitext_windows}",
         variants={k: {"method": m, **o, "damp": d} for k, (m, o, d) in VARIANTS.items()}), rows="settings")
+    res.done("")  # read what is already in the file
     dense = ppl(DEFAULT_MODEL, a)
     res.set("dense", dense)
     with tempfile.TemporaryDirectory() as td:
         for sp in a.settings:
-            row = {}
-            for v, (method, opts, damp) in VARIANTS.items():
+            row = dict(res.runs.get(sp, {}))
+            row.pop("command", None)
+            for v in a.variants:
+                method, opts, damp = VARIANTS[v]
                 d = Path(td) / f"{v}-{sp.replace(':', 'of')}"
                 rep = pt.prune(str(DEFAULT_MODEL), method=method, sparsity=sp, out=d, calib="tinystories",
                                nsamples=a.nsamples, seqlen=a.seqlen, damp=damp, device="cpu", progress=False,
                                method_opts=opts)
-                row[v] = {**ppl(d, a), "wall_s": rep["manifest"]["wall_time_s"], "total": rep["total"]}
+                row[v] = {**ppl(d, a), "wall_s": rep["manifest"]["wall_time_s"], "total": rep["total"],
+                          "command": res.command}
             res.record(sp, row)
             print(sp, json.dumps(row), flush=True)
     print(json.dumps(dense))
