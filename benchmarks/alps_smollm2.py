@@ -6,8 +6,8 @@ calibration tokens and scoring: the side-by-side run that BENCHMARKS §1's APT c
     python benchmarks/alps_smollm2.py --alps-dir runs/ALPS --settings 0.5 0.6 0.7 2:4 \
         --methods alps apt sparsegpt --out benchmarks/results/alps_smollm2.json
 
-Every run prunes SmolLM2-135M-Instruct from the same ``--nsamples`` x ``--seqlen`` C4 windows (prunetune's sampler,
-seed 0) and scores the first ``--ppl-windows`` windows of 512 tokens of each corpus in one loop
+Every run prunes SmolLM2-135M-Instruct from the same ``--nsamples`` x ``--seqlen`` windows of ``--calib`` (C4;
+prunetune's sampler, seed 0) and scores the first ``--ppl-windows`` windows of 512 tokens of each corpus in one loop
 (``prunetune.evaluate``), the dense model on the same windows.
 
 ``alps`` runs the authors' ``ALPS_prune`` class as their ``llama.py`` drives it: per decoder layer, every linear's
@@ -77,7 +77,7 @@ def run_alps(setting: str, a, out: Path) -> dict:
     tok = AutoTokenizer.from_pretrained(a.dense)
     model = AutoModelForCausalLM.from_pretrained(a.dense, dtype=torch.float32).eval()
     model.config.use_cache = False
-    ids, calib = sample_calibration(tok, "c4", a.nsamples, a.seqlen, 0, bos=family_bos(model.config.model_type))
+    ids, calib = sample_calibration(tok, a.calib, a.nsamples, a.seqlen, 0, bos=family_bos(model.config.model_type))
     adapter = get_adapter(model)
     t0 = time.time()
     with torch.no_grad():
@@ -127,7 +127,7 @@ def run_prunetune(method: str, setting: str, a, out: Path) -> dict:
     sp = setting if ":" in setting else float(setting)
     resume = (out.parent / f".{out.name}.partial" / "resume" / "journal.json").is_file()  # a killed prune goes on
     t0 = time.time()
-    rep = pt.prune(a.dense, method=name, sparsity=sp, out=str(out), calib="c4", nsamples=a.nsamples,
+    rep = pt.prune(a.dense, method=name, sparsity=sp, out=str(out), calib=a.calib, nsamples=a.nsamples,
                    seqlen=a.seqlen, seed=0, overwrite=True, progress=False, method_opts=method_opts,
                    resume=resume, **kw)
     # layer_s: each layer's capture + prune + forward, as the ALPS loop's layer_s (prune_s also counts the model's
@@ -157,27 +157,45 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def pivot(res: dict) -> str:
+    """One row per method, one column per setting: perplexity of each corpus, " / "-joined."""
+    runs = res["runs"]
+    corpora = list(runs["dense"]["ppl"])
+    settings = [s for s in ("0.5", "0.6", "0.7", "2:4", "4:8") if any(k.endswith("@" + s) for k in runs)]
+    methods = list(dict.fromkeys(k.split("@")[0] for k in runs if "@" in k))
+    lines = [f"| method ({' / '.join(corpora)}) | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings),
+             "| dense | " + " | ".join(" / ".join(f"{runs['dense']['ppl'][c]:.2f}" for c in corpora)
+                                     for _ in settings) + " |"]
+    for m in methods:
+        cells = [" / ".join(f"{runs[f'{m}@{s}']['ppl'][c]:.2f}" for c in corpora) if f"{m}@{s}" in runs else "-"
+                 for s in settings]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dense", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
     ap.add_argument("--alps-dir", default=str(ROOT / "runs" / "ALPS"), help="a checkout of mazumder-lab/ALPS")
     ap.add_argument("--settings", nargs="*", default=["0.5", "0.6", "0.7", "2:4"])
     ap.add_argument("--methods", nargs="*", default=["alps", "apt", "sparsegpt"])
+    ap.add_argument("--calib", default="c4", help="calibration corpus (tinystories: the out-of-domain study)")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ppl-windows", type=int, default=32)
     ap.add_argument("--corpora", nargs="*", default=["wikitext2", "c4"])
     ap.add_argument("--work", default=str(ROOT / "runs" / "alps"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "alps_smollm2.json"))
-    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--markdown", action="store_true", help="print the table of --out (rows: setting x method)")
+    ap.add_argument("--pivot", action="store_true", help="print the table of --out (rows: method; columns: setting)")
     a = ap.parse_args()
-    if a.markdown:
-        print(markdown(json.loads(Path(a.out).read_text())))
+    if a.markdown or a.pivot:
+        print((pivot if a.pivot else markdown)(json.loads(Path(a.out).read_text())))
         return
     if "alps" in a.methods and not (Path(a.alps_dir) / "alps.py").is_file():
         raise SystemExit(f"no alps.py in {a.alps_dir}: git clone https://github.com/mazumder-lab/ALPS {a.alps_dir}")
     rf = ResultFile(a.out, run_protocol("alps_smollm2.py", model=Path(a.dense).name,
-                                        calibration=f"c4 {a.nsamples} x {a.seqlen}, seed 0, prunetune's sampler",
+                                        calibration=f"{a.calib} {a.nsamples} x {a.seqlen}, seed 0, prunetune's sampler",
                                         ppl=f"first {a.ppl_windows} windows of 512 tokens: {', '.join(a.corpora)}"))
     ensure_model(a.dense)
     if not rf.done("dense"):
