@@ -161,7 +161,8 @@ def pivot(res: dict) -> str:
     """One row per method, one column per setting: perplexity of each corpus, " / "-joined."""
     runs = res["runs"]
     corpora = list(runs["dense"]["ppl"])
-    settings = [s for s in ("0.5", "0.6", "0.7", "2:4", "4:8") if any(k.endswith("@" + s) for k in runs)]
+    # unstructured settings by sparsity, then N:M ones
+    settings = sorted({k.split("@")[1] for k in runs if "@" in k}, key=lambda s: (":" in s, s))
     methods = list(dict.fromkeys(k.split("@")[0] for k in runs if "@" in k))
     lines = [f"| method ({' / '.join(corpora)}) | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings),
              "| dense | " + " | ".join(" / ".join(f"{runs['dense']['ppl'][c]:.2f}" for c in corpora)

@@ -57,7 +57,6 @@ def main():
         calibration=f"tinystories {a.nsamples} x {a.seqlen}, seed 0",
         perplexity=f"256-token windows: tinystories all, wikitext2 first {a.wikitext_windows}",
         variants={k: {"method": m, **o, "damp": d} for k, (m, o, d) in VARIANTS.items()}), rows="settings")
-    res.done("")  # read what is already in the file
     dense = ppl(DEFAULT_MODEL, a)
     res.set("dense", dense)
     with tempfile.TemporaryDirectory() as td:
