@@ -444,3 +444,24 @@ def test_summary_of_a_streamed_pat_merge():
     assert "hidden size 64 -> 48 (48 channels kept)\n" in summary(rep)
     rep["pat"]["parameters"] = 1234
     assert "(48 channels kept), 1,234 parameters" in summary(rep)
+
+
+def test_a_token_budget_becomes_the_fewest_steps_that_read_it(tmp_path, monkeypatch):
+    from prunetune.api import tune
+    from prunetune.tuning.api import steps_from_token_budget
+
+    assert steps_from_token_budget({"max_tokens": 120 * 8 * 256, "batch_size": 8}, 256)["max_steps"] == 120
+    assert steps_from_token_budget({"max_tokens": 120 * 8 * 256 + 1, "batch_size": 8}, 256)["max_steps"] == 121
+    assert steps_from_token_budget({"max_tokens": 1000, "batch_size": 2, "grad_accum": 2}, 100)["max_steps"] == 3
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert steps_from_token_budget({"max_tokens": 1000, "batch_size": 2, "grad_accum": 2}, 100)["max_steps"] == 2
+    monkeypatch.delenv("WORLD_SIZE")
+    assert steps_from_token_budget({"lr": 1e-3}, 256) == {"lr": 1e-3}
+    rep = tune(DEFAULT_MODEL, method="lora", data="tinystories", out=tmp_path / "t", seq_len=64, max_records=64,
+               batch_size=4, max_tokens=600, eval_size=0, checkpoint_every=0, device="cpu", progress=False)
+    assert rep["total_steps"] == rep["steps"] == 3 and rep["token_budget"] == 3 * 4 * 64
+    for extra, needle in ((["--max-tokens", "0"], "--max-tokens must be a positive"),
+                          (["--max-tokens", "600", "--max-steps", "2"], "not both")):
+        out = tmp_path / "bad"
+        assert_clean_error(in_process("tune", "--method", "lora", *COMMON, *extra, "--out", out), needle)
+        assert not out.exists()

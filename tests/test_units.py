@@ -255,3 +255,12 @@ def test_auto_keeps_the_mix_with_the_lowest_held_out_loss(tmp_path, stories_dir)
     on_disk = json.loads((out / "shrink_report.json").read_text())
     assert on_disk["where_to_cut"]["chosen"] == cut["chosen"]
     assert (out / "config.json").is_file() and not list(tmp_path.glob(".out*"))
+
+
+def test_unit_shrink_calibrates_on_windows_of_the_served_length_by_default():
+    from prunetune.structured.api import calib_size
+
+    assert calib_size("mlp", None, None) == (256, 512)
+    assert calib_size("mlp+heads", None, None) == calib_size("auto", None, None) == (256, 512)
+    assert calib_size("hidden", None, None) == (128, 2048)
+    assert calib_size("mlp", 32, None) == (32, 512) and calib_size("hidden", None, 256) == (128, 256)

@@ -154,8 +154,11 @@ def _add_shrink(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue a killed unit shrink from its last finished layer")
     p.add_argument("--cache-budget", default="auto", help="MB of activations kept in RAM (unit shrink)")
     p.add_argument("--calib", default="c4", help="calibration corpus: c4 | wikitext2 | tinystories | FILE")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (clipped to the model's context)")
+    p.add_argument("--nsamples", type=int, default=None,
+                   help="calibration windows (default: 128 for --structure hidden, 256 for neurons and heads)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per calibration window, clipped to the model's context (default: 2048 for "
+                        "--structure hidden, 512 for neurons and heads: measured better, BENCHMARKS §9)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     p.add_argument("--calib-bos", default=None, choices=("stream", "window", "none"),
                    help="BOS in the calibration windows (default: the family's convention, as eval --bos: one per "
@@ -196,6 +199,9 @@ def _add_tune(sub) -> None:
                    help="learning rate (default: " + ", ".join(f"{m} {get_method(m).default_lr:g}" for m in methods) + ")")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the training split")
     p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="training budget in tokens, instead of --max-steps: the fewest steps of batch-size x "
+                        "grad-accum x seq-len positions that read that many")
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
     p.add_argument("--schedule", default="cosine", help="cosine | linear | constant")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -431,7 +437,7 @@ def _cmd_tune(a):
                calib_seqlen=a.calib_seqlen, seq_len=a.seq_len, eval_size=eval_size, max_records=a.max_records,
                data_mode=a.data_mode, dtype=a.dtype, device=a.device, overwrite=a.overwrite, resume=a.resume,
                progress=not a.no_progress, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
-               epochs=a.epochs, max_steps=a.max_steps, warmup=a.warmup, schedule=a.schedule,
+               epochs=a.epochs, max_steps=a.max_steps, max_tokens=a.max_tokens, warmup=a.warmup, schedule=a.schedule,
                weight_decay=a.weight_decay, seed=a.seed, eval_every=a.eval_every,
                checkpoint_every=a.checkpoint_every, gradient_checkpointing=a.gradient_checkpointing or None,
                save_format=a.save_format, **_method_options(a))

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -115,6 +116,25 @@ def _train_config(cls, train_opts: dict, device: str, progress: bool):
     return TrainConfig(**opts, progress=progress, device="cpu" if device == "cpu" else "cuda")
 
 
+def steps_from_token_budget(options: dict, seq_len: int) -> dict:
+    """``max_tokens`` (a training budget in tokens) turned into ``max_steps``: the fewest steps of ``batch_size``
+    x ``grad_accum`` x processes windows of ``seq_len`` positions that read at least that many (packed text fills
+    every position; instruction examples shorter than ``seq_len`` read fewer)."""
+    tokens = options.get("max_tokens")
+    options = {k: v for k, v in options.items() if k != "max_tokens"}
+    if tokens is None:
+        return options
+    if int(tokens) <= 0:
+        raise PrunetuneError(f"--max-tokens must be a positive number of tokens (got {tokens})")
+    if options.get("max_steps") is not None:
+        raise PrunetuneError("give --max-tokens or --max-steps, not both")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by `accelerate launch`
+    per_step = (int(options.get("batch_size") or TUNE_DEFAULTS["batch_size"]) * int(options.get("grad_accum") or 1)
+                * world * int(seq_len))
+    options["max_steps"] = max(1, math.ceil(int(tokens) / per_step))
+    return options
+
+
 def _check_scalars(seq_len, max_records) -> None:
     if seq_len is None or int(seq_len) <= 0:
         raise PrunetuneError(f"--seq-len must be a positive number of tokens (got {seq_len})")
@@ -169,7 +189,8 @@ def tune(model=None, *, method: str, data, out, merge: bool = False, teacher: st
 
     ``method``: a registered tuning method (``spp``, ``lora``, ``lora-masked``, ``dora``, ``full``, ``pat``,
     ``pat-units``; see
-    ``available()``). ``options``: the training options (``lr`` — default the method's —, ``max_steps``,
+    ``available()``). ``options``: the training options (``lr`` — default the method's —, ``max_steps`` or
+    ``max_tokens`` (a budget in tokens, turned into steps: `steps_from_token_budget`),
     ``epochs`` (1), ``batch_size`` (8), ``grad_accum``, ``warmup``, ``schedule``, ``weight_decay``, ``seed``,
     ``eval_every``, ``checkpoint_every`` (100)) and the method's own (e.g. ``ratio`` for PAT, ``groups`` for
     SPP); anything else is refused. ``data``: an Alpaca ``.jsonl`` (loss on the response only), a ``.jsonl``
@@ -186,10 +207,11 @@ def tune(model=None, *, method: str, data, out, merge: bool = False, teacher: st
     from ..devices import resolve_device as _device
 
     cls = get_method(method)
+    _check_scalars(seq_len, max_records)
+    options = steps_from_token_budget(options, seq_len)
     train_opts, method_opts = split_options(cls, options)
     tm = cls(**method_opts)
     _check_compressed_output(cls, save_format, merge or cls.always_exports)
-    _check_scalars(seq_len, max_records)
     if calib is not None and not tm.uses_calibration():
         raise PrunetuneError(f"--calib is not used by {tm.name} with these options (it feeds pat's --rotate and "
                              "--mask-init activation)")
@@ -293,6 +315,7 @@ def _report(tm, job, res, tcfg, resumed_from, device, t_start, t0) -> dict:
                  "eval_size": job.eval_size, "split_seed": tcfg.seed, "fingerprint": d.fingerprint()},
         "seq_len": int(job.seq_len), "global_batch": res["global_batch"], "world_size": res["world_size"],
         "steps": res["steps"], "total_steps": res["total_steps"], "seed": tcfg.seed,
+        "token_budget": res["total_steps"] * res["global_batch"] * int(job.seq_len),
         "trainable_parameters": res.get("trainable_parameters"), "train_config": dataclasses.asdict(tcfg),
         "resumed_from_step": resumed_from, "first_loss": hist[0]["loss"] if hist else None,
         "final_loss": hist[-1]["loss"] if hist else None, "final_eval_loss": res["eval_loss"], "history": hist,
@@ -636,7 +659,7 @@ def summary(report: dict) -> str:
         fl, ll, ev = report.get("first_loss"), report.get("final_loss"), report.get("final_eval_loss")
         loss = f"loss {fl:.4f} -> {ll:.4f}" if fl is not None and ll is not None else "no step run"
         lines.append(f"tuned {report['method']}: {report['steps']} steps x global batch {report['global_batch']} "
-                     f"(seq_len {report['seq_len']}), {loss}"
+                     f"(seq_len {report['seq_len']}; {report.get('token_budget', 0):,} token positions), {loss}"
                      + (f", eval loss {ev:.4f}" if ev is not None and not math.isnan(ev) else "")
                      + (f" (resumed from step {report['resumed_from_step']})"
                         if report.get("resumed_from_step") is not None else ""))
