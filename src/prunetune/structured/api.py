@@ -93,7 +93,7 @@ class ShrinkJob:
     head_share: float | None = None
     damp: float = 0.01
     calib: str = "c4"
-    nsamples: int | None = None      # None: CALIB_DEFAULTS for the structure
+    nsamples: int | None = None      # None: CALIB_DEFAULTS for the structure (resolved on creation)
     seqlen: int | None = None
     seed: int = 0
     batch_size: int = 8
@@ -107,6 +107,11 @@ class ShrinkJob:
     progress: bool = True
     resume: bool = False
     cache_budget: object = "auto"
+
+    def __post_init__(self):
+        nsamples, seqlen = calib_size(self.structure, self.nsamples, self.seqlen)
+        object.__setattr__(self, "nsamples", nsamples)
+        object.__setattr__(self, "seqlen", seqlen)
 
     def prune_kwargs(self, **override) -> dict:
         """What prune's driver takes for a unit shrink (everything but the model, the plan and ``out``)."""
@@ -138,7 +143,6 @@ def shrink(model=None, *, ratio: float, out, method: str = "pca", calib: str = "
     docstring). ``select``, ``head_share``, ``damp``, ``resume`` and ``cache_budget`` apply to the unit path;
     ``calib_bos``: BOS in the calibration windows (None: the family's convention, see `data.bos`);
     ``nsamples`` / ``seqlen`` None: ``CALIB_DEFAULTS`` (128 x 2048 for hidden channels, 256 x 512 for units)."""
-    nsamples, seqlen = calib_size(structure, nsamples, seqlen)
     job = ShrinkJob(model, ratio, out, structure, method, select, head_share, damp, calib, nsamples, seqlen, seed,
                     batch_size, calib_bos, eval_corpora, eval_seqlen, eval_max_windows, dtype, device, overwrite,
                     progress, resume, cache_budget)

@@ -659,7 +659,9 @@ def summary(report: dict) -> str:
         fl, ll, ev = report.get("first_loss"), report.get("final_loss"), report.get("final_eval_loss")
         loss = f"loss {fl:.4f} -> {ll:.4f}" if fl is not None and ll is not None else "no step run"
         lines.append(f"tuned {report['method']}: {report['steps']} steps x global batch {report['global_batch']} "
-                     f"(seq_len {report['seq_len']}; {report.get('token_budget', 0):,} token positions), {loss}"
+                     f"(seq_len {report['seq_len']}"
+                     + (f"; {report['token_budget']:,} token positions" if "token_budget" in report else "")
+                     + f"), {loss}"
                      + (f", eval loss {ev:.4f}" if ev is not None and not math.isnan(ev) else "")
                      + (f" (resumed from step {report['resumed_from_step']})"
                         if report.get("resumed_from_step") is not None else ""))
