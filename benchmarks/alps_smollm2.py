@@ -17,7 +17,7 @@ their script, neither touching the maths: ``alps.py`` is read from the checkout 
 becomes the CPU (its ``torch.cuda.synchronize()`` a no-op), and the layer inputs and arguments come from
 prunetune's adapter (transformers 5: ``position_embeddings``, ``use_cache=False``, no cache object — their
 driver's ``attention_mask``/``position_ids`` calling convention is gone). ``apt`` / ``sparsegpt`` are
-``prunetune.prune`` with defaults (``apt:damp=0.01``, ``apt:true_sequential=0``, ``apt:admm_dual=rescale`` pass
+``prunetune.prune`` with defaults (``apt:damp=0.01``, ``apt:true_sequential=0``, ``apt:admm_dual=keep`` pass
 options; anything but ``damp`` and ``true_sequential`` is a ``--method-opt``). Results are written after every
 run; a run already in the file is skipped and a killed prunetune prune resumes from its journal, so a killed
 benchmark continues where it stopped.

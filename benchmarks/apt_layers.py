@@ -44,22 +44,28 @@ from bench_common import ResultFile, run_protocol  # noqa: E402
 LAYERS = [0, 8, 16, 24, 29]
 LINEARS = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
 #: "apt" in results made before APT's default became select="admm" is "apt-sparsegpt" here; every variant names
-#: its dampening (APT's default became 0.03 after the results with 0.01 were taken)
+#: its dampening (APT's default became 0.03 after the results with 0.01 were taken) and its ADMM dual (the
+#: default became "rescale" after these results were taken with "keep"; "apt-admm-dual" is the rescaled one)
 VARIANTS = {"sparsegpt": ("sparsegpt", {"damp": 0.01}), "apt-sparsegpt": ("apt", {"select": "sparsegpt", "damp": 0.01}),
-            "apt-admm": ("apt", {"select": "admm", "damp": 0.01}),
-            "apt-admm-row": ("apt", {"select": "admm", "admm_scope": "row", "damp": 0.01}),
+            "apt-admm": ("apt", {"select": "admm", "damp": 0.01, "admm_dual": "keep"}),
+            "apt-admm-row": ("apt", {"select": "admm", "admm_scope": "row", "damp": 0.01, "admm_dual": "keep"}),
             "apt-direct": ("apt", {"select": "sparsegpt", "solver": "direct", "damp": 0.01}),  # exact, SparseGPT's mask
             # the ADMM mask with more dampening (a ridge pulling kept weights toward their values), mask and refit
-            **{f"apt-admm-d{d}": ("apt", {"select": "admm", "damp": float(d)}) for d in ("0.03", "0.1", "0.3", "1")},
+            **{f"apt-admm-d{d}": ("apt", {"select": "admm", "damp": float(d), "admm_dual": "keep"})
+               for d in ("0.03", "0.1", "0.3", "1")},
             # where the ALPS authors' code differs from APT's ADMM (pruning/admm.py), one choice at a time
-            "apt-admm-iterate": ("apt", {"select": "admm", "damp": 0.01, "admm_support": "iterate"}),
-            "apt-admm-alps-rho": ("apt", {"select": "admm", "damp": 0.01, "admm_schedule": "alps"}),
-            "apt-admm-alps-both": ("apt", {"select": "admm", "damp": 0.01, "admm_support": "iterate",
+            "apt-admm-iterate": ("apt", {"select": "admm", "damp": 0.01, "admm_dual": "keep",
+                                         "admm_support": "iterate"}),
+            "apt-admm-alps-rho": ("apt", {"select": "admm", "damp": 0.01, "admm_dual": "keep",
+                                          "admm_schedule": "alps"}),
+            "apt-admm-alps-both": ("apt", {"select": "admm", "damp": 0.01, "admm_dual": "keep",
+                                           "admm_support": "iterate",
                                            "admm_schedule": "alps"}),
             "apt-admm-dual": ("apt", {"select": "admm", "damp": 0.01, "admm_dual": "rescale"}),
             "apt-admm-dual-alps": ("apt", {"select": "admm", "damp": 0.01, "admm_dual": "rescale",
                                            "admm_schedule": "alps", "admm_support": "iterate"}),
-            **{f"apt-admm-cg{k}": ("apt", {"select": "admm", "damp": 0.01, "refit_iter": k}) for k in (3, 10, 30)},
+            **{f"apt-admm-cg{k}": ("apt", {"select": "admm", "damp": 0.01, "admm_dual": "keep", "refit_iter": k})
+               for k in (3, 10, 30)},
             # the authors' own ALPS_admm (mazumder-lab/ALPS alps.py, --alps-dir) on the same W and H
             "alps": ("alps", {"damp": 0.01})}
 #: variants whose refit is documented as exact: their float32 result is compared with the float64 direct optimum

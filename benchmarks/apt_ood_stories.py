@@ -23,11 +23,13 @@ import prunetune as pt  # noqa: E402
 from prunetune.paths import DEFAULT_MODEL  # noqa: E402
 from bench_common import ResultFile, run_protocol  # noqa: E402
 
-#: "apt" in results made before APT's default became select="admm" is "apt-sparsegpt" here
+#: "apt" in results made before APT's default became select="admm" is "apt-sparsegpt" here; "apt-admm*" are the
+#: ADMM dual APT shipped when they were taken ("keep"; the default is now "rescale", "apt-admm-rescale*")
 #: name -> (method, options, dampening)
 VARIANTS = {"sparsegpt": ("sparsegpt", {}, 0.01), "apt-sparsegpt": ("apt", {"select": "sparsegpt"}, 0.01),
-            "apt-admm": ("apt", {"select": "admm"}, 0.01), "apt-admm-d0.03": ("apt", {"select": "admm"}, 0.03),
-            "apt-admm-d0.1": ("apt", {"select": "admm"}, 0.1),
+            "apt-admm": ("apt", {"select": "admm", "admm_dual": "keep"}, 0.01),
+            "apt-admm-d0.03": ("apt", {"select": "admm", "admm_dual": "keep"}, 0.03),
+            "apt-admm-d0.1": ("apt", {"select": "admm", "admm_dual": "keep"}, 0.1),
             # the ADMM dual carried over unscaled when ρ changes (as the ALPS code; BENCHMARKS §13)
             "apt-admm-rescale": ("apt", {"select": "admm", "admm_dual": "rescale"}, 0.01),
             "apt-admm-rescale-d0.03": ("apt", {"select": "admm", "admm_dual": "rescale"}, 0.03)}

@@ -57,7 +57,10 @@ class ResultFile:
 
     def done(self, key: str) -> bool:
         if self.path.is_file():
-            self.data[self.rows] = {**json.loads(self.path.read_text()).get(self.rows, {}), **self.data[self.rows]}
+            disk = json.loads(self.path.read_text())
+            self.data[self.rows] = {**disk.get(self.rows, {}), **self.data[self.rows]}
+            # top-level entries another process set (``set``) are kept too
+            self.data = {**{k: v for k, v in disk.items() if k not in self.data}, **self.data}
         return key in self.data[self.rows]
 
     def record(self, key: str, row: dict) -> dict:

@@ -14,7 +14,8 @@ input-aware score — rather than by ``|W_ij|``. Splitting ``B' = Z`` (scaled du
 
 with ``ρ`` rising while the support still moves (every ``check`` iterations: ×1.3 while more than 10% of the
 kept entries changed, ×1.2 above 0.5%, ×1.1 below; divided by 5 when nothing moved before it ever rose), and
-stopping when the support no longer changes (or after ``max_iter``). The support of ``Z`` is the mask; the
+stopping when the support no longer changes (or after ``max_iter``); when ρ changes the scaled dual is rescaled
+by ``ρ_old/ρ_new`` (the unscaled dual ``ρU`` carries over). The support of ``Z`` is the mask; the
 weights are then refit exactly on it by the caller (``apt.exact_solve`` / ``warm_solve``).
 """
 
@@ -27,7 +28,7 @@ from .masks import _lowest_mask, row_chunks
 
 SCOPES = ("matrix", "row")
 #: the choices where the ALPS authors' code differs (see `admm_mask`), default first
-CHOICES = {"support": ("z", "iterate"), "schedule": ("rise", "alps"), "dual": ("keep", "rescale")}
+CHOICES = {"support": ("z", "iterate"), "schedule": ("rise", "alps"), "dual": ("rescale", "keep")}
 
 
 def bad_choice(**given) -> str | None:
@@ -120,7 +121,7 @@ def project(X: Tensor, keep: int | None, *, scope: str = "matrix", n: int = 0, m
 def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "matrix", n: int = 0, m: int = 0,
               rho: float = 0.1, max_iter: int = 300, check: int = 3, min_iter: int = 30,
               tol: float = 3e-4, support: str = "z", schedule: str = "rise",
-              dual: str = "keep") -> tuple[Tensor, Tensor, dict]:
+              dual: str = "rescale") -> tuple[Tensor, Tensor, dict]:
     """``(mask, B', info)``: True = pruned; ``B'`` the last ADMM iterate back in the original coordinates (a
     warm start for the exact refit); ``info``: iterations, final ρ, last support change.
 
@@ -133,8 +134,9 @@ def admm_mask(W: Tensor, H: Tensor, *, keep: int | None = None, scope: str = "ma
     default) or the projection of the last ``B'`` (``"iterate"``, as ALPS); ``schedule`` — ``"rise"`` (default,
     above) or ``"alps"``: before ρ ever rose, a small support change divides ρ by 5 and restarts from ``B``, no
     change divides it by 5 and goes on; once it rose, no change stops; ``dual`` — when ρ changes, the scaled
-    dual ``U`` is kept (``"keep"``, default) or rescaled by ``ρ_old/ρ_new`` so the unscaled dual ``ρU`` carries
-    over (``"rescale"``: the textbook rule for a varying penalty, and what ALPS's unscaled ``V`` does)."""
+    dual ``U`` is rescaled by ``ρ_old/ρ_new`` so the unscaled dual ``ρU`` carries over (``"rescale"``, default:
+    the textbook rule for a varying penalty, and what ALPS's unscaled ``V`` does) or kept as it is (``"keep"``,
+    the default until every end-to-end run on SmolLM2 measured it behind ``rescale``: BENCHMARKS §13)."""
     bad = bad_choice(support=support, schedule=schedule, dual=dual)
     if bad:
         raise ValueError(f"admm {bad}")

@@ -20,7 +20,9 @@ Mask selection (option ``select``):
 
 * ``"admm"`` (default) — the mask found by ADMM over weights and support (``pruning/admm.py``, the scheme of
   ALPS): unstructured over the whole matrix (``admm_scope="matrix"``, default: exactly the asked share of the
-  matrix, rows differ) or per row (``"row"``), N:M per group; then the exact refit on that support
+  matrix, rows differ) or per row (``"row"``), N:M per group; the dual rescaled when ρ changes
+  (``admm_dual="rescale"``: below the former ``"keep"`` in every end-to-end SmolLM2 run, in and out of the
+  calibration domain, BENCHMARKS §13); then the exact refit on that support
   (`exact_solve`: batched Cholesky for systems of at most 512 weights, else PCG started from ADMM's last
   iterate to a relative residual of 1e-6, rows that do not converge solved directly). **Exact**: on 20 real
   SmolLM2 layers at 50%, 70% and 2:4 the float32 result is at most 2e-6 above the float64 direct optimum
@@ -372,7 +374,7 @@ SELECTS = ("sparsegpt", "obs", "best", "admm")
 def apt_prune(W: Tensor, H: Tensor, spec: SparsitySpec, *, damp: float = APT_DAMP, blocksize: int = 128,
               select: str = "admm", rounds: int = 1, chunk_rows: int | None = None, solver: str = "auto",
               maxiter: int = 200, admm_scope: str = "matrix", admm_iter: int = 300, admm_support: str = "z",
-              admm_schedule: str = "rise", admm_dual: str = "keep", refit_iter: int | None = None) -> Tensor:
+              admm_schedule: str = "rise", admm_dual: str = "rescale", refit_iter: int | None = None) -> Tensor:
     """See module docstring; returns the new weight."""
     if select not in SELECTS:
         raise PrunetuneError(f"apt: select must be one of {', '.join(SELECTS)} (got '{select}')")
