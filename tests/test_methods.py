@@ -443,6 +443,14 @@ def test_apt_admm_alps_choices_keep_the_share_and_never_lose_to_sparsegpt(sp, ho
     assert layer_error(W, out, Hd) <= e_sg * (1 + 1e-6)
 
 
+def test_apt_default_dual_is_rescale():
+    """The documented default (BENCHMARKS §13): the dual rescaled when ρ changes, not kept."""
+    W, _, H = problem(5, 32, 64, dtype=torch.float32)
+    spec = parse_sparsity("0.7")
+    out = fn("apt")(W, H, spec, blocksize=16)
+    assert torch.equal(out, fn("apt")(W, H, spec, blocksize=16, admm_dual="rescale"))
+
+
 def test_admm_choices_are_checked():
     W, _, H = problem(0, 8, 16, dtype=torch.float32)
     for opts, needle in (({"admm_support": "b"}, "admm_support"), ({"admm_schedule": "fast"}, "admm_schedule"),
