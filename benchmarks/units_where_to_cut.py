@@ -100,16 +100,22 @@ def fisher_shrink(a, alpha: float, F: list[torch.Tensor], out: Path) -> dict:
             "ppl": {c: v["ppl"] for c, v in r["perplexity"].items()}}
 
 
+def without_layer(net, layers: list, types: list | None, i: int) -> None:
+    """``net`` with decoder layer ``i`` of ``layers`` (its full stack) left out, config and cache indices to match:
+    a plain checkpoint with one layer fewer once saved. ``types``: the full ``config.layer_types``, if any."""
+    net.model.layers = torch.nn.ModuleList([m for j, m in enumerate(layers) if j != i])
+    for j, m in enumerate(net.model.layers):
+        m.self_attn.layer_idx = j
+    net.config.num_hidden_layers = len(layers) - 1
+    if types:
+        net.config.layer_types = [t for j, t in enumerate(types) if j != i]
+
+
 def drop_then_mlp(a, i: int, out: Path) -> dict:
     """Layer ``i`` removed (a plain checkpoint with one layer fewer), then the MLP shrink to 25% in all."""
     net, tok, _ = load_model(a.dense, dtype="float32", device="cpu")
     n = len(net.model.layers)
-    net.model.layers = torch.nn.ModuleList([m for j, m in enumerate(net.model.layers) if j != i])
-    for j, m in enumerate(net.model.layers):
-        m.self_attn.layer_idx = j
-    net.config.num_hidden_layers = n - 1
-    if getattr(net.config, "layer_types", None):
-        net.config.layer_types = [t for j, t in enumerate(net.config.layer_types) if j != i]
+    without_layer(net, list(net.model.layers), getattr(net.config, "layer_types", None), i)
     mid = out.parent / f"{out.name}.dropped"
     net.save_pretrained(str(mid))
     tok.save_pretrained(str(mid))
@@ -170,7 +176,7 @@ def main():
     if drops and not all(rf.done(k) for k in drops + ["dense"]):
         net, tok, _ = load_model(a.dense, dtype="float32", device="cpu")
         ids, _ = sample_calibration(tok, "c4", a.drop_calib, 512, 1000, bos="stream")
-        layers = list(net.model.layers)
+        layers, types = list(net.model.layers), getattr(net.config, "layer_types", None)
         if not rf.done("dense"):
             rf.record("dense", drop_scores(net, tok, ids, a.drop_windows))
         for key in drops:
@@ -178,8 +184,7 @@ def main():
                 continue
             i = int(key.split(":")[1])
             t = time.time()
-            net.model.layers = torch.nn.ModuleList([m for j, m in enumerate(layers) if j != i])
-            net.config.num_hidden_layers = len(layers) - 1
+            without_layer(net, layers, types, i)
             row = rf.record(key, {**drop_scores(net, tok, ids, a.drop_windows), "wall_s": round(time.time() - t, 1)})
             print(key, row, flush=True)
 
