@@ -142,6 +142,10 @@ def _add_shrink(sub) -> None:
     _add_common_model(p)
     p.add_argument("--ratio", type=float, required=True,
                    help="fraction removed, in (0, 1): of hidden channels, or of decoder-layer weights with --structure")
+    p.add_argument("--target", default="params", choices=["params", "prefill"],
+                   help="what --ratio is a share of in a unit shrink: decoder-layer linear weights (params), or this "
+                        "machine's prefill time at batch 8 x 128 (prefill: measured on a one-layer copy, the plan "
+                        "nearest the share chosen by bisection)")
     p.add_argument("--structure", default="hidden", choices=["hidden", "mlp", "heads", "mlp+heads", "auto"],
                    help="what is removed: hidden channels, MLP neurons, heads, both, or (auto) the mix of MLP neurons "
                         "and heads with the lowest held-out calibration loss")
@@ -385,7 +389,7 @@ def _cmd_shrink(a):
                  seqlen=a.seqlen, seed=a.seed, batch_size=a.batch_size, eval_corpora=a.eval, dtype=a.dtype,
                  device=a.device, overwrite=a.overwrite, structure=a.structure, select=a.select,
                  head_share=a.head_share, damp=a.damp, resume=a.resume, cache_budget=a.cache_budget,
-                 calib_bos=a.calib_bos)
+                 calib_bos=a.calib_bos, target=a.target)
     print(res["summary_table"])
     print(f"wrote {a.out}")
 

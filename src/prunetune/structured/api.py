@@ -16,7 +16,8 @@ in prune's streamed, resumable driver; ``ratio`` is then the share of decoder-la
 ``auto`` chooses where to cut: it shrinks with every mix of ``AUTO_HEAD_SHARES`` (the share of the removed
 weights taken from heads, the rest from MLP neurons; mixes the config cannot express are skipped) and keeps the
 one with the lowest loss on held-out calibration windows (same corpus, another seed); the report records every
-mix measured.
+mix measured. ``target="prefill"`` makes ``ratio`` a share of this machine's prefill time instead of weights: the
+counts come from timing a one-layer copy (``prefill.py``), per mix for ``auto``.
 
 The output folder holds the checkpoint, ``shrink_report.json`` (protocol, kept channels or energy removed,
 wall time, peak memory, optional perplexity before/after) and ``prunetune_manifest.json`` (file hashes and
@@ -38,6 +39,7 @@ from ..errors import PrunetuneError
 from ..evaluation.perplexity import before_after_lines, max_positions
 from ..io import atomic_output_dir, check_output_dir, load_model, resolve_model, write_manifest
 from ..manifest import machine, measure, peak_rss_mb, versions
+from .prefill import TARGETS
 from .slicing import check_ratio, check_sliceable, keep_count
 
 SHRINK_METHODS = ("pca", "activation", "magnitude")
@@ -107,6 +109,7 @@ class ShrinkJob:
     progress: bool = True
     resume: bool = False
     cache_budget: object = "auto"
+    target: str = "params"           # what ratio is a share of: decoder weights | this machine's prefill time
 
     def __post_init__(self):
         nsamples, seqlen = calib_size(self.structure, self.nsamples, self.seqlen)
@@ -136,16 +139,23 @@ def shrink(model=None, *, ratio: float, out, method: str = "pca", calib: str = "
            eval_max_windows: int | None = None, dtype: str = "float32", device: str | None = None,
            overwrite: bool = False, progress: bool = True, structure: str = "hidden", select: str = "obs",
            head_share: float | None = None, damp: float = 0.01, resume: bool = False,
-           cache_budget="auto", calib_bos: str | None = None) -> dict:
+           cache_budget="auto", calib_bos: str | None = None, target: str = "params") -> dict:
     """Remove the fraction ``ratio`` of hidden channels of ``model`` (HF dir, Hub id or GGUF) — or, with
     ``structure`` ``mlp`` / ``heads`` / ``mlp+heads``, that share of decoder-layer weights as whole MLP neurons
     and heads — and write the smaller plain checkpoint plus ``shrink_report.json`` to ``out`` (see the module
     docstring). ``select``, ``head_share``, ``damp``, ``resume`` and ``cache_budget`` apply to the unit path;
     ``calib_bos``: BOS in the calibration windows (None: the family's convention, see `data.bos`);
-    ``nsamples`` / ``seqlen`` None: ``CALIB_DEFAULTS`` (128 x 2048 for hidden channels, 256 x 512 for units)."""
+    ``nsamples`` / ``seqlen`` None: ``CALIB_DEFAULTS`` (128 x 2048 for hidden channels, 256 x 512 for units);
+    ``target``: what ``ratio`` is a share of for a unit shrink — ``"params"`` (decoder-layer linear weights) or
+    ``"prefill"`` (this machine's prefill time at batch 8 x 128, measured: ``prefill.py``)."""
     job = ShrinkJob(model, ratio, out, structure, method, select, head_share, damp, calib, nsamples, seqlen, seed,
                     batch_size, calib_bos, eval_corpora, eval_seqlen, eval_max_windows, dtype, device, overwrite,
-                    progress, resume, cache_budget)
+                    progress, resume, cache_budget, target)
+    if target not in TARGETS:
+        raise PrunetuneError(f"unknown --target '{target}' (use {', '.join(TARGETS)})")
+    if target != "params" and structure == "hidden":
+        raise PrunetuneError("--target prefill applies to --structure mlp, heads, mlp+heads or auto (a hidden "
+                             "shrink's --ratio is the share of hidden channels)")
     if structure == "auto":
         return _shrink_auto(job)
     if structure != "hidden":
@@ -233,7 +243,7 @@ def _shrink_units(job: ShrinkJob) -> dict:
     """``shrink(structure=mlp|heads|mlp+heads)``: the plan from the config (checked before any weight is read),
     then prune's layer-by-layer driver with the unit remover in place of a pruning method."""
     from ..pruning.api import prune
-    from .neurons import geometry, plan_for_ratio
+    from .neurons import geometry
 
     src = resolve_model(job.model)
     config = _config_of(src)
@@ -247,11 +257,58 @@ def _shrink_units(job: ShrinkJob) -> dict:
             geometry(config, get_adapter(meta))
     if float(job.damp) < 0:
         raise PrunetuneError(f"--damp must be non-negative (got {job.damp})")
-    plan = plan_for_ratio(config, job.ratio, job.structure, head_share=job.head_share, select=job.select,
-                          damp=float(job.damp))
+    sized = _Sizer(job, src, config)
+    plan = sized.plan(job.structure, job.head_share)
     report = prune(src.spec, method="units", sparsity=None, out=job.out, units=plan, **job.prune_kwargs())
+    sized.done()
     report["summary_table"] = units_summary(report)
     return report
+
+
+class _Sizer:
+    """The unit counts a shrink asks for: from the share of weights, or measured against this machine's prefill
+    time (``prefill.py``). Measured plans are kept in ``.<out>.target.json`` until the shrink is published, so a
+    killed run resumes with the plan it measured rather than a re-timed one."""
+
+    def __init__(self, job: ShrinkJob, src, config):
+        from pathlib import Path
+
+        self.job, self.src, self.config, self.clock = job, src, config, None
+        out = Path(str(job.out)).expanduser()
+        self.cache = out.parent / f".{out.name}.target.json"
+
+    def plan(self, structure: str, head_share):
+        from .neurons import UnitPlan, plan_for_ratio
+
+        job = self.job
+        opts = dict(select=job.select, damp=float(job.damp))
+        if job.target == "params":
+            return plan_for_ratio(self.config, job.ratio, structure, head_share=head_share, **opts)
+        from ..devices import resolve_device
+        from ..io import parse_dtype
+        from .prefill import PrefillClock, plan_for_time, target_info
+
+        device = resolve_device(job.device)
+        key = json.dumps([self.src.location(), structure, head_share, job.ratio, job.dtype, device,
+                          torch.get_num_threads()], default=str)
+        saved = json.loads(self.cache.read_text()) if self.cache.is_file() else {}
+        if key in saved:
+            counts, info = saved[key]
+            return UnitPlan(**counts, **opts, target=info)
+        if self.clock is None:
+            self.clock = PrefillClock(self.config, dtype=parse_dtype(job.dtype), device=device)
+        plan, search = plan_for_time(self.config, job.ratio, structure, self.clock.measure, head_share=head_share,
+                                     **opts)
+        plan.target = target_info(job.ratio, search, self.clock)
+        saved[key] = [{"neurons": plan.neurons, "kv_heads": plan.kv_heads, "q_heads": plan.q_heads}, plan.target]
+        self.cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(saved, default=str))
+        tmp.replace(self.cache)
+        return plan
+
+    def done(self) -> None:
+        self.cache.unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -275,19 +332,19 @@ def _shrink_auto(job: ShrinkJob) -> dict:
     from ..devices import resolve_device
     from ..io import publish_dir
     from ..pruning.api import _eval_pair, prune
-    from .neurons import params_removed_share, plan_for_ratio
+    from .neurons import params_removed_share
 
-    ratio, select, damp, calib = job.ratio, job.select, job.damp, job.calib
+    ratio, calib = job.ratio, job.calib
     nsamples, seqlen, seed, dtype = job.nsamples, job.seqlen, job.seed, job.dtype
     device = resolve_device(job.device)
     src = resolve_model(job.model)
     config = _config_of(src)
     out_path = check_output_dir(job.out, overwrite=job.overwrite, inputs=(src.home if src.kind != "hub" else None,))
+    sized = _Sizer(job, src, config)
     plans = []
     for share in AUTO_HEAD_SHARES:
         try:
-            plan = plan_for_ratio(config, ratio, "mlp" if share == 0 else "mlp+heads", head_share=share or None,
-                                  select=select, damp=float(damp))
+            plan = sized.plan("mlp" if share == 0 else "mlp+heads", share or None)
         except PrunetuneError:
             continue
         if all(plan != p for _, p in plans):
@@ -309,6 +366,8 @@ def _shrink_auto(job: ShrinkJob) -> dict:
         score = held_out_loss(d, calib, HELD_OUT_WINDOWS, seqlen, seed + HELD_OUT_SEED, dtype, device, job.calib_bos)
         alts.append({"head_share_asked": share, "structure": str(plan),
                      "decoder_linear_weights_removed_share": params_removed_share(config, plan),
+                     **({"prefill_share_removed_fitted": plan.target["prefill_share_removed_fitted"]}
+                        if plan.target else {}),
                      "held_out_loss": score["loss"], "dir": d})
     best = min(alts, key=lambda a: a["held_out_loss"])
     rpath = best["dir"] / "shrink_report.json"
@@ -323,6 +382,7 @@ def _shrink_auto(job: ShrinkJob) -> dict:
     rpath.write_text(json.dumps(report, indent=2, default=str) + "\n")
     publish_dir(best["dir"], out_path, overwrite=job.overwrite)
     shutil.rmtree(work, ignore_errors=True)
+    sized.done()
     report["summary_table"] = units_summary(report) + "\nwhere to cut: " + ", ".join(
         f"{a['structure']} loss {a['held_out_loss']:.4f}{' (chosen)' if a is best else ''}" for a in alts)
     report["out"] = str(out_path)
@@ -338,4 +398,10 @@ def units_summary(report: dict) -> str:
              f"{s['decoder_linear_weights_removed_share']:.4f}; parameters {p['before']:,} -> {p['after']:,}",
              "mean relative reader error: " + ", ".join(f"{k} {v:.4f}" for k, v in s["mean_rel_error"].items()),
              f"wall {man.get('wall_time_s', 0):.1f}s, peak RSS {man.get('peak_rss_mb', 0):.0f} MB"]
+    t = s.get("target")
+    if t:
+        lines.insert(1, f"prefill time removed on this machine (batch {t['shape'][0]} x {t['shape'][1]}, "
+                        f"{t['threads']} threads): {t['share_asked']} asked, {t['prefill_share_removed_fitted']:.3f} "
+                        f"fitted over {len(t['probes'])} plans timed, {t['prefill_share_removed_measured']:.3f} "
+                        "measured for this one")
     return "\n".join(lines + before_after_lines(report.get("eval")))

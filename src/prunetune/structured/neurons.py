@@ -18,7 +18,7 @@ whatever the width, so a 7B MLP's selection stays minutes, not hours.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ class UnitPlan:
     damp: float = 0.01
     block: int | None = None
     swap_rounds: int | None = None
+    #: how the counts were sized when not by weights (``shrink --target prefill``): reported, never compared,
+    #: and outside ``describe()`` so that a resume's fingerprint does not depend on timings
+    target: dict | None = field(default=None, compare=False, repr=False)
 
     # the pruning driver reads these of a method
     name = "units"
@@ -61,7 +64,7 @@ class UnitPlan:
         return ", ".join(parts) or "nothing"
 
     def describe(self) -> dict:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "target"}
         d["structure"] = str(self)
         return d
 
@@ -319,6 +322,8 @@ def units_report(report: dict, config, plan, model_info: dict) -> dict:
             "sizes_after": sizes(small), "decoder_linear_weights_removed_share": params_removed_share(config, plan),
             "mean_rel_error": {k: sum(r["rel_error"] for r in errs if r["name"].endswith("." + k)) /
                                max(1, sum(1 for r in errs if r["name"].endswith("." + k))) for k in kinds}}
+    if plan.target is not None:
+        info["target"] = plan.target
     out = {"shrink": info, "model": model_info,
            "parameters": {"before": _param_count(config), "after": _param_count(small)}, "readers": errs}
     for k in ("activation_cache", "manifest", "eval"):
