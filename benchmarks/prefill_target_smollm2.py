@@ -2,7 +2,7 @@
 """``shrink --target prefill`` on SmolLM2-135M: the layer-time curve it searches, the plans it picks, and the
 prefill they really give in ``prunetune bench``.
 
-    python benchmarks/prefill_target_smollm2.py --threads 2 --targets 0.2 0.25 0.3 \
+    python benchmarks/prefill_target_smollm2.py --threads 2 --targets 0.2 0.25 0.3 --repeats 11 \
         --out benchmarks/results/prefill_target_smollm2.json
 
 Run it on an otherwise idle machine: it measures time. Three parts, each recorded as it finishes:
@@ -14,6 +14,8 @@ Run it on an otherwise idle machine: it measures time. Three parts, each recorde
   widths, a fit of time against weights) with the share the fit gives it and the share its own timing gives.
 - ``bench``: the dense model and each picked plan as full checkpoints with random weights (time does not depend
   on the values) through ``prunetune bench`` (prefill 8 x 128, interleaved repeats): the share really removed.
+- ``align``: the same for the MLP widths of ``--align-widths`` (the weight-sized plans at 20% and 33% before
+  their widths were rounded to multiples of 8, and after): what an unaligned width costs in a whole model.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def main():
     ap.add_argument("--targets", nargs="*", type=float, default=[0.2, 0.25, 0.3])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7, help="bench repeats (interleaved)")
-    ap.add_argument("--parts", nargs="*", default=["curve", "plans", "bench"])
+    ap.add_argument("--parts", nargs="*", default=["curve", "plans", "bench", "align"])
+    ap.add_argument("--align-widths", nargs="*", type=int, default=[1126, 1128, 860, 864])
     ap.add_argument("--work", default=str(ROOT / "runs" / "prefill-target"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prefill_target_smollm2.json"))
     a = ap.parse_args()
@@ -80,14 +83,13 @@ def main():
             print(share, {k: v for k, v in rows[str(share)].items() if k != "probes"}, flush=True)
         rf.record("plans", {"targets": rows, "wall_s": round(time.time() - t0, 1)})
 
-    if "bench" in a.parts and not rf.done("bench"):
-        plans = rf.runs["plans"]["targets"]
-        work = Path(a.work)
+    def bench_widths(labelled: dict, work: Path) -> dict:
+        """``{label: neurons removed}`` as random-weight checkpoints through ``prunetune bench``, dense first."""
         shutil.rmtree(work, ignore_errors=True)
         tok = AutoTokenizer.from_pretrained(a.model)
         dirs = {}
-        for label, neurons in [("dense", 0)] + [(f"target {s}", p["neurons_removed"]) for s, p in plans.items()]:
-            if neurons in [n for n, _ in dirs.values()]:  # two targets that picked the same plan: timed once
+        for label, neurons in {"dense": 0, **labelled}.items():
+            if neurons in [n for n, _ in dirs.values()]:  # two labels for the same plan: timed once
                 continue
             c = cfg if neurons == 0 else new_config(cfg, UnitPlan(neurons=neurons))
             d = work / label.replace(" ", "_")
@@ -98,19 +100,29 @@ def main():
         r = pt.bench([str(d) for _, d in dirs.values()], batch_sizes=(PREFILL_SHAPE[0],), seq_lens=(PREFILL_SHAPE[1],),
                      decode_tokens=2, repeats=a.repeats, threads=a.threads, device="cpu", progress=False,
                      memory_probe=False)
+        shutil.rmtree(work, ignore_errors=True)
         rows = {}
         for (label, (neurons, d)), row in zip(dirs.items(), r["prefill"]):
-            rows[label] = {"neurons_removed": neurons, "prefill_tokens_per_s": row["tokens_per_s"]["median"],
+            rows[label] = {"neurons_removed": neurons, "width": inter - neurons,
+                           "weights_share_removed": params_removed_share(cfg, UnitPlan(neurons=neurons)) if neurons else 0,
+                           "prefill_tokens_per_s": row["tokens_per_s"]["median"],
                            "speedup": row["ratio_to_first"]["tokens_per_s"],
                            "bench_prefill_share_removed": 1 - row["ratio_to_first"]["latency_s"]}
+            print(label, rows[label], flush=True)
+        return {"models": rows, "repeats": a.repeats, "bench_manifest": r["manifest"]}
+
+    if "bench" in a.parts and not rf.done("bench"):
+        plans = rf.runs["plans"]["targets"]
+        res = bench_widths({f"target {s}": p["neurons_removed"] for s, p in plans.items()}, Path(a.work))
+        for label, row in res["models"].items():
             if label != "dense":
                 p = plans[label.split()[1]]
-                rows[label].update(weights_share_removed=p["weights_share_removed"],
-                                   fitted_prefill_share_removed=p["prefill_share_removed_fitted"],
-                                   clock_prefill_share_removed=p["prefill_share_removed_measured"])
-            print(label, rows[label], flush=True)
-        rf.record("bench", {"models": rows, "repeats": a.repeats, "bench_manifest": r["manifest"]})
-        shutil.rmtree(work, ignore_errors=True)
+                row.update(fitted_prefill_share_removed=p["prefill_share_removed_fitted"],
+                           clock_prefill_share_removed=p["prefill_share_removed_measured"])
+        rf.record("bench", res)
+
+    if "align" in a.parts and not rf.done("align"):
+        rf.record("align", bench_widths({f"width {w}": inter - w for w in a.align_widths}, Path(a.work)))
     print(json.dumps({k: v for k, v in rf.runs.get("bench", {}).get("models", {}).items()}, indent=1))
 
 

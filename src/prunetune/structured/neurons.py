@@ -131,7 +131,7 @@ def plan_for_ratio(config, ratio: float, structure: str = "mlp", *, head_share: 
     target = ratio * total
     per_neuron = 3 * geo.hidden
     if structure == "mlp":
-        plan = UnitPlan(neurons=int(round(target / per_neuron)), **opts)
+        plan = UnitPlan(neurons=_aligned(geo, int(round(target / per_neuron))), **opts)
     else:
         share = 1.0 if structure == "heads" else (0.5 if head_share is None else float(head_share))
         if not 0 <= share <= 1:
@@ -148,10 +148,24 @@ def plan_for_ratio(config, ratio: float, structure: str = "mlp", *, head_share: 
                 if best is None or key < best[0]:
                     best = (key, kv, q, removed)
         _, kv, q, removed = best
-        neurons = 0 if structure == "heads" else int(round(max(0.0, target - removed) / per_neuron))
+        neurons = 0 if structure == "heads" else _aligned(geo, int(round(max(0.0, target - removed) / per_neuron)))
         plan = UnitPlan(neurons=neurons, kv_heads=kv, q_heads=q, **opts)
     check_plan(config, plan)
     return plan
+
+
+#: MLP widths kept at a multiple of this where the model's own width is one: on SmolLM2-135M a layer with 1126
+#: neurons (20% of the weights) runs 12% slower than one with 1128 (BENCHMARKS §9)
+WIDTH_ALIGN = 8
+
+
+def _aligned(geo: Geometry, neurons: int) -> int:
+    """``neurons`` moved by at most ``WIDTH_ALIGN / 2`` so that the kept width is a multiple of ``WIDTH_ALIGN``
+    (when the model's width is one and a multiple is left to keep; otherwise unchanged)."""
+    if neurons <= 0 or geo.intermediate % WIDTH_ALIGN or geo.intermediate - neurons < 2 * WIDTH_ALIGN:
+        return neurons
+    kept = int(round((geo.intermediate - neurons) / WIDTH_ALIGN)) * WIDTH_ALIGN
+    return geo.intermediate - kept
 
 
 def _loadable(config, plan: UnitPlan) -> bool:
