@@ -120,3 +120,12 @@ def test_bad_prefill_targets_fail_cleanly(tmp_path, stories_dir, extra, needle):
                 "--seqlen", "32", "--out", out, *extra)
     assert_clean_error(p, needle)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_existing_output_is_refused_before_anything_is_timed(tmp_path, stories_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    p = run_cli("shrink", "--model", stories_dir, "--target", "prefill", "--structure", "mlp", "--ratio", "0.2",
+                "--calib", "tinystories", "--out", out)
+    assert_clean_error(p, "already exists")
+    assert list(tmp_path.iterdir()) == [out] and not list(out.iterdir())

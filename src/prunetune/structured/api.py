@@ -257,6 +257,8 @@ def _shrink_units(job: ShrinkJob) -> dict:
             geometry(config, get_adapter(meta))
     if float(job.damp) < 0:
         raise PrunetuneError(f"--damp must be non-negative (got {job.damp})")
+    if job.target != "params":  # refused before the timing, as prune itself would refuse it after
+        check_output_dir(job.out, overwrite=job.overwrite, inputs=(src.home if src.kind != "hub" else None,))
     sized = _Sizer(job, src, config)
     plan = sized.plan(job.structure, job.head_share)
     report = prune(src.spec, method="units", sparsity=None, out=job.out, units=plan, **job.prune_kwargs())
