@@ -403,7 +403,7 @@ def units_summary(report: dict) -> str:
     t = s.get("target")
     if t:
         lines.insert(1, f"prefill time removed on this machine (batch {t['shape'][0]} x {t['shape'][1]}, "
-                        f"{t['threads']} threads): {t['share_asked']} asked, {t['prefill_share_removed_fitted']:.3f} "
+                        f"{t['threads']} thread{'s' if t['threads'] != 1 else ''}): {t['share_asked']} asked, {t['prefill_share_removed_fitted']:.3f} "
                         f"fitted over {len(t['probes'])} plans timed, {t['prefill_share_removed_measured']:.3f} "
                         "measured for this one")
     return "\n".join(lines + before_after_lines(report.get("eval")))
