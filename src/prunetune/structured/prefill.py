@@ -92,14 +92,19 @@ class PrefillClock:
         del model
 
     def _layer_for(self, plan: UnitPlan):
-        from transformers import AutoModelForCausalLM
-
-        from ..models import get_adapter
-
+        """The shrunk layer alone (the decoder-layer class built from the new config: no embeddings to allocate,
+        which at a 262k vocabulary are larger than the layer), else from a one-layer model."""
+        cfg = new_config(self._cfg1, plan)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(new_config(self._cfg1, plan)).to(device=self.device,
-                                                                                  dtype=self.dtype).eval()
-        return get_adapter(model).layers[0]
+        try:
+            layer = type(self.dense_layer)(cfg, layer_idx=0)
+        except TypeError:
+            from transformers import AutoModelForCausalLM
+
+            from ..models import get_adapter
+
+            layer = get_adapter(AutoModelForCausalLM.from_config(cfg)).layers[0]
+        return layer.to(device=self.device, dtype=self.dtype).eval()
 
     def _time(self, layer) -> float:
         with torch.inference_mode():
