@@ -136,7 +136,7 @@ class PrefillClock:
 def _candidates(config, structure: str, head_share, align: int, opts) -> list[tuple[float, UnitPlan]]:
     """(share of weights, plan) for every distinct plan on a 0.5% grid of weights, the MLP's kept width rounded
     down to a multiple of ``align`` (widths the kernels tile well: on SmolLM2-135M an odd width of about 1400
-    neurons runs 10-12% slower than the multiple of 64 below it, BENCHMARKS §9), sorted by the share of weights."""
+    neurons runs 10-15% slower than the multiple of 64 below it, BENCHMARKS §9), sorted by the share of weights."""
     from .neurons import check_plan, params_removed_share
 
     geo = geometry(config)
