@@ -144,8 +144,8 @@ def _add_shrink(sub) -> None:
                    help="fraction removed, in (0, 1): of hidden channels, or of decoder-layer weights with --structure")
     p.add_argument("--target", default="params", choices=["params", "prefill"],
                    help="what --ratio is a share of in a unit shrink: decoder-layer linear weights (params), or this "
-                        "machine's prefill time at batch 8 x 128 (prefill: measured on a one-layer copy, the plan "
-                        "nearest the share chosen by bisection)")
+                        "machine's prefill time at batch 8 x 128 (prefill: a one-layer copy timed for a few plans, "
+                        "the fewest weights whose fitted share of time reaches the ratio)")
     p.add_argument("--structure", default="hidden", choices=["hidden", "mlp", "heads", "mlp+heads", "auto"],
                    help="what is removed: hidden channels, MLP neurons, heads, both, or (auto) the mix of MLP neurons "
                         "and heads with the lowest held-out calibration loss")

@@ -46,7 +46,7 @@ class PrefillClock:
         from ..evaluation.timing import forward_kwargs, syncer
         from ..models import get_adapter
 
-        self.config, self.shape, self.repeats, self.dtype, self.device = config, tuple(shape), int(repeats), dtype, device
+        self.shape, self.repeats, self.dtype, self.device = tuple(shape), int(repeats), dtype, device
         self.layers = int(config.num_hidden_layers)
         self._sync = syncer(device)
         torch.manual_seed(0)
